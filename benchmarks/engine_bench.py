@@ -1,0 +1,271 @@
+"""Benchmark the LiveAvatar engine with seeded random full-size weights on one GPU.
+
+For each precision (bf16, fp8) and area (704x384, 384x256): a warm-up segment (one clip: the prompt
+encode, the portrait encode and first-call costs, reported as "cold"), then a timed segment of
+`--clips` 48-frame clips from the same portrait (steady state), then a one-clip segment continued from
+the timed one's handoff (the cost of starting from a handoff: ring replay and decoder re-prime).
+Reported per clip: seconds end to end and FPS (audio features, DiT, VAE decode included), and each of
+those three separately; peak GPU memory (torch.cuda.max_memory_allocated) against the engine's estimate.
+
+Writes OUT/engine_bench.json and OUT/engine_bench.md. `--tiny` runs test-size random models (CPU is
+fine) to check the script end to end; `--check-backends` compares every backend (KV offload, weight
+offload, fp8, compile) against the plain run on a tiny model (offloads must be bit-identical).
+
+    PYTHONPATH=. python benchmarks/engine_bench.py out/bench                # GPU, full size
+    PYTHONPATH=. python benchmarks/engine_bench.py out/bench-tiny --tiny --sizes 64x64 --clips 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from liveavatar_core.engines.base import GenerationConfig, GiB, SegmentRequest  # noqa: E402
+from liveavatar_core.engines.liveavatar.engine import LiveAvatarEngine  # noqa: E402
+from liveavatar_core.errors import LiveAvatarError, OutOfMemory  # noqa: E402
+from liveavatar_core.timebase import SAMPLES_PER_FRAME  # noqa: E402
+
+FRAMES_PER_CLIP = 48
+PROMPT = "A lecturer in a grey blazer explaining statistics in a bright studio, realistic photo style"
+
+
+class CountingSink:
+    """Keeps only the count and the last frame (the engine's own buffers are what is measured)."""
+
+    def __init__(self):
+        self.frames = 0
+        self.last: np.ndarray | None = None
+
+    def write(self, frames: np.ndarray) -> None:
+        self.frames += len(frames)
+        self.last = frames[-1]
+
+
+class KeepingSink(CountingSink):
+    def __init__(self):
+        super().__init__()
+        self.kept: list[np.ndarray] = []
+
+    def write(self, frames: np.ndarray) -> None:
+        super().write(frames)
+        self.kept.extend(f.copy() for f in frames)
+
+
+def speech(frames: int, seed: int) -> np.ndarray:
+    """Noise in syllable-like bursts at 16 kHz (the model's weights are random: content is irrelevant)."""
+    rng = np.random.default_rng(seed)
+    n = frames * SAMPLES_PER_FRAME
+    envelope = (np.sin(np.arange(n) / 16000 * 2 * np.pi * 3) > 0).astype(np.float32)
+    return (rng.standard_normal(n) * 0.2 * envelope).astype(np.float32)
+
+
+def portrait(height: int, width: int) -> np.ndarray:
+    return (np.random.default_rng(1).random((height, width, 3)) * 255).astype(np.uint8)
+
+
+def request(
+    config: GenerationConfig, frames: int, seed: int = 0, handoff: bytes | None = None
+) -> SegmentRequest:
+    return SegmentRequest(
+        audio=speech(frames, seed),
+        num_frames=frames,
+        portrait=portrait(config.height, config.width),
+        prompt=PROMPT,
+        seed=seed,
+        config=config,
+        handoff=handoff,
+    )
+
+
+@dataclass
+class Row:
+    size: str
+    precision: str
+    clips: int
+    status: str = "ok"
+    seconds_per_clip: float = 0.0
+    fps: float = 0.0
+    dit_seconds_per_clip: float = 0.0
+    vae_seconds_per_clip: float = 0.0
+    audio_seconds_per_clip: float = 0.0
+    cold_first_clip_seconds: float = 0.0
+    cold_timings: dict | None = None
+    continue_overhead_seconds: float = 0.0
+    peak_gib: float = 0.0
+    estimate_gib: float = 0.0
+    estimate_error: float = 0.0  # (estimate - measured) / measured
+    estimate_parts_gib: dict | None = None
+    handoff_mib: float = 0.0
+    error: str = ""
+
+
+def bench(engine: LiveAvatarEngine, config: GenerationConfig, clips: int) -> Row:
+    row = Row(config.size, "fp8" if config.fp8 else str(engine.dtype).removeprefix("torch."), clips)
+    row.estimate_gib = engine.estimate_memory(config) / GiB
+    row.estimate_parts_gib = {k: round(v / GiB, 3) for k, v in engine.memory_parts(config).items()}
+    try:
+        cold = engine.generate(request(config, FRAMES_PER_CLIP, seed=1), CountingSink())
+        row.cold_first_clip_seconds = cold.seconds
+        row.cold_timings = cold.details["timings"]
+        timed = engine.generate(request(config, clips * FRAMES_PER_CLIP, seed=2), CountingSink())
+        t = timed.details["timings"]
+        row.seconds_per_clip = timed.seconds / clips
+        row.fps = clips * FRAMES_PER_CLIP / timed.seconds
+        row.dit_seconds_per_clip = t["dit"] / clips
+        row.vae_seconds_per_clip = t["vae"] / clips
+        row.audio_seconds_per_clip = t["audio"] / clips
+        row.peak_gib = timed.peak_memory_bytes / GiB
+        row.handoff_mib = len(timed.handoff) / 2**20
+        continued = engine.generate(
+            request(config, FRAMES_PER_CLIP, seed=2, handoff=timed.handoff), CountingSink()
+        )
+        row.continue_overhead_seconds = continued.details["timings"]["prepare"]
+        row.peak_gib = max(row.peak_gib, continued.peak_memory_bytes / GiB, cold.peak_memory_bytes / GiB)
+        if row.peak_gib:
+            row.estimate_error = (row.estimate_gib - row.peak_gib) / row.peak_gib
+    except OutOfMemory as exc:
+        row.status, row.error = "out of memory", str(exc)
+    except LiveAvatarError as exc:
+        row.status, row.error = "unavailable", str(exc)
+    return row
+
+
+def check_backends(device: str | None) -> list[dict]:
+    """Every backend against the plain run, tiny random model: offloads exact, fp8/compile close."""
+    engine = LiveAvatarEngine(random_weights=True, device=device, tiny=True)
+    base = GenerationConfig(height=64, width=64)
+    variants = {
+        "plain": base,
+        "offload_encoders": base.replace(offload_encoders=True),
+        "offload_kv_cache": base.replace(offload_kv_cache=True),
+        "offload_weights": base.replace(offload_weights=True),
+        "offload_all": base.replace(offload_encoders=True, offload_kv_cache=True, offload_weights=True),
+        "fp8": base.replace(fp8=True),
+        "fp8_offload_weights": base.replace(fp8=True, offload_weights=True),
+        "compile": base.replace(compile=True),  # last: compiling is one-way for the loaded engine
+    }
+    results, reference = [], None
+    for name, config in variants.items():
+        sink = KeepingSink()
+        entry = {"backend": name}
+        try:
+            first = engine.generate(request(config, 24, seed=3), sink)
+            second = engine.generate(request(config, 24, seed=3, handoff=first.handoff), sink)
+            frames = np.stack(sink.kept).astype(np.int16)
+            if reference is None:
+                reference = frames
+            entry["max_abs_diff_vs_plain"] = int(np.abs(frames - reference).max())
+            entry["handoff"] = second.details["handoff_in"]
+        except LiveAvatarError as exc:
+            entry["error"] = str(exc)
+        results.append(entry)
+    engine.close()
+    return results
+
+
+def markdown(rows: list[Row], device: str, checks: list[dict] | None) -> str:
+    lines = [
+        f"LiveAvatar engine, random weights, {device}; steady state over {rows[0].clips if rows else 0} clips of 48 frames "
+        "(audio features, DiT and VAE decode included; each also shown alone).",
+        "",
+        "| area | precision | s / clip | FPS | DiT s / clip | VAE s / clip | audio s / clip | cold 1st clip s "
+        "| continue overhead s | peak GiB | estimate GiB | estimate error | handoff MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.status != "ok":
+            lines.append(
+                f"| {r.size} | {r.precision} | {r.status} |  |  |  |  |  |  |  | {r.estimate_gib:.1f} |  |  |"
+            )
+            continue
+        lines.append(
+            f"| {r.size} | {r.precision} | {r.seconds_per_clip:.2f} | {r.fps:.1f} | {r.dit_seconds_per_clip:.2f} "
+            f"| {r.vae_seconds_per_clip:.2f} | {r.audio_seconds_per_clip:.3f} | {r.cold_first_clip_seconds:.1f} "
+            f"| {r.continue_overhead_seconds:.2f} | {r.peak_gib:.1f} | {r.estimate_gib:.1f} "
+            f"| {100 * r.estimate_error:+.1f}% | {r.handoff_mib:.1f} |"
+        )
+    if checks:
+        lines += ["", "Backends against the plain run (tiny model, 2 segments through a handoff):", ""]
+        lines += ["| backend | max abs diff (uint8) | note |", "|---|---|---|"]
+        for c in checks:
+            lines.append(
+                f"| {c['backend']} | {c.get('max_abs_diff_vs_plain', '')} | {c.get('error', c.get('handoff', ''))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("out", type=Path, help="output directory for engine_bench.json and engine_bench.md")
+    parser.add_argument(
+        "--tiny", action="store_true", help="test-size random models (checks the script on CPU)"
+    )
+    parser.add_argument("--sizes", default="704x384,384x256", help="comma-separated HxW areas")
+    parser.add_argument("--precisions", default="bf16,fp8", help="comma-separated: bf16 (model dtype), fp8")
+    parser.add_argument("--clips", type=int, default=4, help="48-frame clips in the timed segment")
+    parser.add_argument("--resident-encoders", action="store_true", help="keep umT5 and wav2vec2 on the GPU")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
+    parser.add_argument("--check-backends", action="store_true", help="compare every backend on a tiny model")
+    parser.add_argument("--check-backends-only", action="store_true", help="only the backend comparison")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    args = parser.parse_args(argv)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.check_backends_only:
+        checks = check_backends(args.device)
+        (args.out / "backend_checks.json").write_text(json.dumps(checks, indent=2))
+        print(markdown([], args.device or "default device", checks))
+        return 0 if all("error" not in c for c in checks) else 1
+    start = time.perf_counter()
+    engine = LiveAvatarEngine(random_weights=True, device=args.device, tiny=args.tiny)
+    load_seconds = time.perf_counter() - start
+    device = engine.device
+    device_name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    )
+    rows: list[Row] = []
+    for precision in [p.strip() for p in args.precisions.split(",")]:  # bf16 before fp8: fp8 is one-way
+        for size in [s.strip() for s in args.sizes.split(",")]:
+            height, width = (int(v) for v in size.lower().split("x"))
+            config = GenerationConfig(
+                height=height,
+                width=width,
+                fp8=precision == "fp8",
+                offload_encoders=not args.resident_encoders,
+                compile=args.compile,
+            )
+            row = bench(engine, config, args.clips)
+            rows.append(row)
+            print(json.dumps(asdict(row)), flush=True)
+    engine.close()
+    checks = check_backends(args.device) if args.check_backends else None
+    report = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "weights": "random (tiny)" if args.tiny else "random (full size)",
+        "load_seconds": round(load_seconds, 2),
+        "offload_encoders": not args.resident_encoders,
+        "compile": args.compile,
+        "rows": [asdict(r) for r in rows],
+        "backend_checks": checks,
+    }
+    (args.out / "engine_bench.json").write_text(json.dumps(report, indent=2))
+    (args.out / "engine_bench.md").write_text(markdown(rows, device_name, checks))
+    print((args.out / "engine_bench.md").read_text())
+    return 0 if all(r.status == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,379 @@
+"""The `liveavatar-batch` command line.
+
+`produce` runs the produce_lecture flow: on Prefect's embedded (ephemeral) API by default, or on the
+server PREFECT_API_URL names. Exit 0 only when the video is published; bad input prints one line
+naming the input and the problem and exits 2.
+
+`course` runs the produce_course flow for a course manifest (here, or with --deployment through the
+produce-course deployment on the server's workers) and prints its summary; exit 1 if any lecture
+failed. `worker --gpu K` is the long-lived GPU worker for GPU K. `deploy` registers the work pools,
+concurrency limits and deployments on the server PREFECT_API_URL names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pydantic import ValidationError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Prefect's embedded server migrates its database on first start: slow on a small, busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The embedded server's telemetry job has nowhere to send to on closed networks and logs errors.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liveavatar-batch", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_produce(commands)
+    _add_course(commands)
+    _add_worker(commands)
+    _add_deploy(commands)
+    return parser
+
+
+def _add_produce(commands) -> None:
+    p = commands.add_parser(
+        "produce", help="produce one lecture video", description="Produce one lecture video."
+    )
+    p.add_argument("--audio", required=True, metavar="SRC", help="lecture audio: path, file:// or s3:// URL")
+    p.add_argument("--image", required=True, metavar="SRC", help="portrait: path, file:// or s3:// URL")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="who, doing what, where, in what style")
+    p.add_argument(
+        "--out", required=True, metavar="DEST", help="destination: directory, file:// or s3:// prefix"
+    )
+    p.add_argument("--title", help="lecture title for the report (default: the audio file's name)")
+    p.add_argument("--engine", default="auto", choices=["auto", "preview", "liveavatar"])
+    p.add_argument("--size", default="704x384", metavar="HxW", help="output height x width (default 704x384)")
+    p.add_argument("--memory-budget-gb", type=float, metavar="N", help="per-segment memory budget in GiB")
+    p.add_argument(
+        "--segment-seconds", type=float, default=30.0, metavar="T", help="target segment length (30)"
+    )
+    p.add_argument(
+        "--max-segment-seconds", type=float, default=40.0, metavar="M", help="maximum segment length (40)"
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--allow-qc-fail", action="store_true", help="publish even when quality checks fail")
+    p.add_argument("--work", metavar="URL", help="work store: directory or s3:// prefix ($LIVEAVATAR_WORK)")
+    p.add_argument(
+        "--checkpoint-dir", metavar="DIR", help="LiveAvatar checkpoints ($LIVEAVATAR_CHECKPOINT_DIR)"
+    )
+    p.add_argument(
+        "--random-weights", action="store_true", help="LiveAvatar with random full-size weights (benchmarks)"
+    )
+    p.set_defaults(run=_run_produce)
+
+
+def _run_produce(args: argparse.Namespace) -> int:
+    from flows.lecture import LectureParams
+
+    try:
+        params = LectureParams(
+            audio=args.audio,
+            image=args.image,
+            prompt=args.prompt,
+            title=args.title,
+            out=args.out,
+            engine=args.engine,
+            size=args.size,
+            segment_seconds=args.segment_seconds,
+            max_segment_seconds=args.max_segment_seconds,
+            seed=args.seed,
+            memory_budget_gb=args.memory_budget_gb,
+            allow_qc_fail=args.allow_qc_fail,
+            work=args.work,
+            checkpoint_dir=args.checkpoint_dir,
+            random_weights=args.random_weights,
+        )
+    except ValidationError as exc:
+        return _fail(EXIT_BAD_INPUT, _validation_line(exc))
+    return run_flow(lambda: _produce(params))
+
+
+def _produce(params) -> int:
+    from flows.lecture import produce_lecture
+
+    published = produce_lecture(params)
+    for name in ("video.mp4", "manifest.json", "qc.json", "report.html"):
+        print(f"{name:14} {published[name]}")
+    return EXIT_OK
+
+
+def _add_course(commands) -> None:
+    p = commands.add_parser(
+        "course",
+        help="produce every lecture of a course manifest not already published",
+        description="Produce every lecture of a course manifest (YAML) that is not already published with "
+        "identical inputs, and print the course summary. Exit 1 if any lecture failed.",
+    )
+    p.add_argument("course", metavar="COURSE", help="course manifest: path, file:// or s3:// URL")
+    p.add_argument("--work", metavar="URL", help="work store: directory or s3:// prefix ($LIVEAVATAR_WORK)")
+    p.add_argument(
+        "--dispatch",
+        default="auto",
+        choices=["auto", "in-process", "gpu-workers"],
+        help="where segments are generated; auto: on the GPU workers when PREFECT_API_URL is set, else here",
+    )
+    p.add_argument(
+        "--deployment",
+        nargs="?",
+        const=COURSE_DEPLOYMENT,
+        metavar="NAME",
+        help=f"run through a deployment on the server's workers (default name {COURSE_DEPLOYMENT}) "
+        "instead of in this process; the manifest and its inputs must be readable there",
+    )
+    p.add_argument("--max-parallel", type=int, default=8, metavar="N", help="lectures in flight at once (8)")
+    p.add_argument("--size", metavar="HxW", help="override every lecture's profile size")
+    p.add_argument("--segment-seconds", type=float, metavar="T", help="override the profiles' segment target")
+    p.add_argument(
+        "--max-segment-seconds", type=float, metavar="M", help="override the profiles' segment maximum"
+    )
+    p.add_argument("--memory-budget-gb", type=float, metavar="N", help="per-segment memory budget in GiB")
+    p.add_argument("--allow-qc-fail", action="store_true", help="publish lectures even when QC fails")
+    p.add_argument(
+        "--checkpoint-dir", metavar="DIR", help="LiveAvatar checkpoints ($LIVEAVATAR_CHECKPOINT_DIR)"
+    )
+    p.add_argument(
+        "--random-weights", action="store_true", help="LiveAvatar with random full-size weights (benchmarks)"
+    )
+    p.add_argument("--force", action="store_true", help="produce every lecture, even those already published")
+    p.set_defaults(run=_run_course)
+
+
+COURSE_DEPLOYMENT = "produce_course/produce-course"
+
+
+def _run_course(args: argparse.Namespace) -> int:
+    from flows.course import CourseParams, read_course
+    from liveavatar_core import storage
+    from liveavatar_core.errors import LiveAvatarError
+
+    source = args.course
+    if args.deployment and not storage.is_remote(source):
+        source = os.path.abspath(source.removeprefix("file://"))  # the flow run's directory is elsewhere
+    try:
+        course = read_course(source)  # bad manifests fail here, in one line, before any run starts
+    except LiveAvatarError as exc:
+        return _fail(EXIT_BAD_INPUT, str(exc))
+    server = bool(os.environ.get("PREFECT_API_URL"))
+    dispatch = args.dispatch if args.dispatch != "auto" else ("gpu-workers" if server else "in-process")
+    if (args.deployment or dispatch == "gpu-workers") and not server:
+        flag = "--deployment" if args.deployment else "--dispatch gpu-workers"
+        return _fail(EXIT_BAD_INPUT, f"{flag}: needs a Prefect server: set PREFECT_API_URL")
+    try:
+        params = CourseParams(
+            course=source,
+            work=args.work,
+            dispatch=dispatch,
+            max_parallel=args.max_parallel,
+            size=args.size,
+            segment_seconds=args.segment_seconds,
+            max_segment_seconds=args.max_segment_seconds,
+            memory_budget_gb=args.memory_budget_gb,
+            allow_qc_fail=args.allow_qc_fail,
+            checkpoint_dir=args.checkpoint_dir,
+            random_weights=args.random_weights,
+            force=args.force,
+        )
+    except ValidationError as exc:
+        return _fail(EXIT_BAD_INPUT, _validation_line(exc))
+    if args.deployment:
+        return run_flow(lambda: _course_via_deployment(args.deployment, params, course.summary_url))
+    return run_flow(lambda: _course_here(params, course.summary_url))
+
+
+def _course_here(params, summary_url: str) -> int:
+    from flows.course import CourseFailed, produce_course, summary_table
+    from liveavatar_core import storage
+
+    try:
+        summary = produce_course(params)
+    except CourseFailed as exc:
+        print(summary_table(storage.read_json(summary_url)))
+        return _fail(EXIT_FAILED, str(exc))
+    print(summary_table(summary))
+    return EXIT_OK
+
+
+def _course_via_deployment(name: str, params, summary_url: str) -> int:
+    from prefect.deployments import run_deployment
+
+    from flows.course import summary_table
+    from liveavatar_core import storage
+
+    run = run_deployment(
+        name, parameters={"params": params.model_dump(mode="json")}, timeout=None, poll_interval=2
+    )
+    state = run.state
+    print(f"flow run {run.name} ({run.id}): {state.name if state else '?'}", file=sys.stderr)
+    summary = storage.read_json(summary_url) if storage.exists(summary_url) else None
+    if summary and summary.get("flow_run_id") == str(run.id):
+        print(summary_table(summary))
+    if state is not None and state.is_completed():
+        return EXIT_OK
+    message = ((state.message or state.name) if state else "") or "the course run failed"
+    # Prefect's wording around the flow's own one-line error: "Flow run encountered an exception: Kind: ..."
+    message = message.strip().splitlines()[0].removeprefix("Flow run encountered an exception: ")
+    return _fail(EXIT_FAILED, message.removeprefix("CourseFailed: "))
+
+
+def _add_worker(commands) -> None:
+    p = commands.add_parser(
+        "worker",
+        help="serve segment generation on one GPU (long-lived; one per GPU)",
+        description="A long-lived GPU worker: loads the engine once and serves generate-segment runs from "
+        "the Prefect server PREFECT_API_URL names, one at a time, under the GPU's strict concurrency limit "
+        "gpu-<host>-<K>. Stop it with SIGTERM or Ctrl-C.",
+    )
+    p.add_argument("--gpu", type=int, required=True, metavar="K", help="the GPU's index on this host")
+    p.add_argument(
+        "--engine", default="auto", choices=["auto", "preview", "liveavatar"], help="engine to load"
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="LiveAvatar checkpoints on this host ($LIVEAVATAR_CHECKPOINT_DIR)",
+    )
+    p.add_argument("--random-weights", action="store_true", help="LiveAvatar with random full-size weights")
+    p.add_argument("--work", metavar="URL", help="work store shared with the flows ($LIVEAVATAR_WORK)")
+    p.add_argument(
+        "--host-id", metavar="NAME", help="this host's name in the GPU limits ($LIVEAVATAR_HOST_ID)"
+    )
+    p.set_defaults(run=_run_worker)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from flows.worker import WorkerOptions, serve_gpu
+    from liveavatar_core.errors import InputError, LiveAvatarError
+
+    if args.gpu < 0:
+        return _fail(EXIT_BAD_INPUT, f"--gpu {args.gpu}: must be a GPU index (0, 1, ...)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    options = WorkerOptions(
+        gpu=args.gpu,
+        engine=args.engine,
+        checkpoint_dir=args.checkpoint_dir,
+        random_weights=args.random_weights,
+        work=args.work,
+        host=args.host_id,
+    )
+    try:
+        serve_gpu(options)
+    except InputError as exc:
+        return _fail(EXIT_BAD_INPUT, str(exc))
+    except LiveAvatarError as exc:
+        return _fail(EXIT_FAILED, str(exc))
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _add_deploy(commands) -> None:
+    p = commands.add_parser(
+        "deploy",
+        help="register work pools, GPU limits and deployments on the Prefect server",
+        description="Create the work pools cpu-pool and gpu-pool, optionally the per-GPU concurrency limits, "
+        "and register every deployment in deployments/prefect.yaml on the server PREFECT_API_URL names.",
+    )
+    p.add_argument("--prefect-file", metavar="PATH", help="deployments file (deployments/prefect.yaml)")
+    p.add_argument(
+        "--project-dir",
+        metavar="DIR",
+        help="the checkout's path on the workers ($LIVEAVATAR_PROJECT_DIR, else this one)",
+    )
+    p.add_argument("--gpu-host", metavar="NAME", help="create the GPU limits of this host (with --gpus)")
+    p.add_argument("--gpus", type=int, default=0, metavar="N", help="number of GPUs on --gpu-host")
+    p.set_defaults(run=_run_deploy)
+
+
+def _run_deploy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flows import deploy
+
+    if not os.environ.get("PREFECT_API_URL"):
+        return _fail(EXIT_BAD_INPUT, "deploy: needs a Prefect server: set PREFECT_API_URL")
+    if args.gpus and not args.gpu_host:
+        return _fail(EXIT_BAD_INPUT, "--gpus: needs --gpu-host (the host whose GPUs these are)")
+    prefect_file = Path(args.prefect_file).resolve() if args.prefect_file else deploy.PREFECT_FILE
+    if not prefect_file.is_file():
+        return _fail(EXIT_BAD_INPUT, f"--prefect-file {prefect_file}: no such file")
+    try:
+        for pool, what in deploy.ensure_pools().items():
+            print(f"work pool {pool}: {what}")
+        if args.gpus:
+            for limit, what in deploy.ensure_gpu_limits(args.gpu_host, args.gpus).items():
+                print(f"concurrency limit {limit}: {what}")
+        deploy.deploy_all(prefect_file, args.project_dir)
+    except RuntimeError as exc:
+        return _fail(EXIT_FAILED, str(exc))
+    with _client() as client:
+        for d in client.read_deployments():
+            print(f"deployment {d.name}: pool {d.work_pool_name}, entrypoint {d.entrypoint}")
+    return EXIT_OK
+
+
+def _client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def run_flow(body) -> int:
+    """Run a flow-calling function with one-line errors: known errors print a line, not a traceback."""
+    from liveavatar_core.errors import InputError, LiveAvatarError
+
+    _quiet_prefect_errors()
+    try:
+        return body()
+    except InputError as exc:
+        return _fail(EXIT_BAD_INPUT, str(exc))
+    except LiveAvatarError as exc:
+        return _fail(EXIT_FAILED, str(exc))
+    except KeyboardInterrupt:
+        return _fail(EXIT_INTERRUPTED, "interrupted; finished segments are kept and reused by the next run")
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _validation_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    field = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "input"
+    return f"{field}: {err['msg'].removeprefix('Value error, ')}"
+
+
+class _DropFailureEchoes(logging.Filter):
+    """Prefect logs a failed run's exception (with traceback) at ERROR; the CLI reports it itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.levelno >= logging.ERROR
+            and record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+        )
+
+
+def _quiet_prefect_errors() -> None:
+    """Filter the console handlers only: the API handlers still send every record to the Prefect UI."""
+    import prefect.main  # noqa: F401  (importing it configures Prefect's logging)
+
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _DropFailureEchoes) for f in handler.filters):
+            handler.addFilter(_DropFailureEchoes())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

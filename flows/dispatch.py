@@ -1,0 +1,183 @@
+"""Send one segment to the long-lived GPU workers and wait for it, surviving a worker that dies.
+
+`generate_segment.delay(job)` creates a deferred task run; the Prefect server hands it to one of the
+task workers serving `generate_segment` (`liveavatar-batch worker --gpu K`). Its parameters and its
+result travel through the task's result storage (the work store), so the worker may be on any host.
+
+Waiting is a loop, not `future.wait()`: Prefect 3.8's waiter listens for Completed/Failed/Crashed/
+Cancelled events only, so a run that ends "Cached" would be waited on forever. And a task run whose
+worker was killed stays "Running" on the server for good; the worker's heartbeat in the work store
+(`tasks/heartbeat.py`) tells the two apart. A segment whose heartbeat stops is put back in the queue
+(the same task run, state Scheduled, so its stored parameters are reused) for whichever worker is
+free, the restarted one or another. Its finished predecessors are untouched: they are cache hits.
+"""
+
+from __future__ import annotations
+
+import time
+from uuid import UUID
+
+from prefect import get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, get_current_settings, temporary_settings
+from prefect.states import Scheduled, State
+
+from liveavatar_core import storage
+from liveavatar_core.errors import InputError, LiveAvatarError
+from tasks.heartbeat import heartbeat_url, read_beat, stale_after
+from tasks.models import SegmentJob
+
+POLL_S = (0.25, 0.5, 1.0, 2.0)  # waits between looks at the task run's state: soon at first, then every 2 s
+NO_WORKER_WARNING_S = 60.0  # warn when a segment has been queued this long with no worker serving it
+MAX_LOSSES = 3  # a segment whose worker dies this many times fails the lecture
+
+
+class WorkerLost(LiveAvatarError):
+    """A segment's GPU worker died too often, or the workers could not take the segment at all."""
+
+
+class SegmentFailed(LiveAvatarError):
+    """A segment failed on a GPU worker with an error that could not be unpickled here (see `_failure`)."""
+
+
+def require_server(flag: str = "--dispatch gpu-workers") -> None:
+    """GPU workers reach the flow only through a Prefect server; the embedded (ephemeral) API has none."""
+    if not get_current_settings().api.url:
+        raise InputError(flag, "needs a Prefect server that the GPU workers also use: set PREFECT_API_URL")
+
+
+def run_on_gpu_workers(task, job: SegmentJob) -> State:
+    """Queue `job` for the GPU workers and return the task run's final state."""
+    require_server()
+    log = get_run_logger()
+    # The worker runs its own copy of the task; it sees the submitter's settings (Prefect ships them
+    # with the parameters), so a refresh asked for here reaches it as a setting, not a task option.
+    refresh = {PREFECT_TASKS_REFRESH_CACHE: True} if task.refresh_cache else {}
+    with temporary_settings(updates=refresh):
+        future = task.delay(job)
+    run_id: UUID = future.task_run_id
+    beat_url = heartbeat_url(job.work, str(run_id))
+    watch = _Liveness(beat_url)
+    losses = 0
+    queued_since = time.monotonic()
+    warned_at = queued_since
+    polls = 0
+    with get_client(sync_client=True) as client:
+        while True:
+            future.wait(timeout=POLL_S[min(polls, len(POLL_S) - 1)])  # early on most final states, not Cached
+            polls += 1
+            try:
+                run = client.read_task_run(run_id)
+            except ObjectNotFound:
+                raise WorkerLost(
+                    f"segment {job.index}: the GPU workers dropped its task run (they could not read its "
+                    f"parameters): flows and GPU workers must share the work store ({job.work})"
+                ) from None
+            state = run.state
+            if state is None:
+                continue
+            if state.is_final():
+                _forget(beat_url)
+                if not state.is_completed():
+                    raise _failure(state, job)
+                return state
+            if state.type in (StateType.RUNNING, StateType.PENDING):
+                queued_since = time.monotonic()
+                if not watch.alive():
+                    losses += 1
+                    if losses >= MAX_LOSSES:
+                        raise WorkerLost(
+                            f"segment {job.index}: its GPU worker stopped {losses} times "
+                            f"(no heartbeat for {stale_after():.0f} s at {beat_url})"
+                        )
+                    log.warning(
+                        "segment %d: its GPU worker stopped (no heartbeat for %.0f s); "
+                        "queuing it again for any worker",
+                        job.index,
+                        stale_after(),
+                    )
+                    _requeue(client, run_id)
+                    watch = _Liveness(beat_url)
+            else:
+                watch = _Liveness(beat_url)  # queued (again): the clock starts when a worker takes it
+                now = time.monotonic()
+                if now - queued_since > NO_WORKER_WARNING_S and now - warned_at > NO_WORKER_WARNING_S:
+                    warned_at = now
+                    if not _workers_serving(client, task.task_key):
+                        log.warning(
+                            "segment %d: queued %.0f s and no GPU worker serves generate-segment; "
+                            "start `liveavatar-batch worker --gpu N` (same code version as this flow)",
+                            job.index,
+                            now - queued_since,
+                        )
+
+
+class _Liveness:
+    """Whether a running segment's heartbeat still changes, judged on this process's clock."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.last_beat: int | None = None
+        self.changed_at = time.monotonic()
+
+    def alive(self) -> bool:
+        beat = read_beat(self.url)
+        if beat is not None and beat != self.last_beat:
+            self.last_beat = beat
+            self.changed_at = time.monotonic()
+        return time.monotonic() - self.changed_at < stale_after()
+
+
+def _failure(state: State, job: SegmentJob) -> BaseException:
+    """The error a failed segment raised on its worker, to raise here as if it had run here.
+
+    The worker stores it pickled with the result (our own errors define __reduce__ for this). A
+    third-party exception that does not unpickle is rebuilt from the state's message (Prefect writes
+    "Task run encountered an exception Kind: text").
+    """
+    try:
+        error = state.result(raise_on_failure=False)
+    except Exception:
+        error = None
+    if isinstance(error, BaseException):
+        return error
+    text = (state.message or state.name or "failed").removeprefix("Task run encountered an exception ")
+    kind, sep, rest = text.partition(": ")
+    return SegmentFailed(rest if sep and kind.isidentifier() else text)
+
+
+def _requeue(client, run_id: UUID) -> None:
+    """Put the task run back in the server's queue with its stored parameters (deferred Scheduled)."""
+    parameters_id = next(
+        (
+            s.state_details.task_parameters_id
+            for s in client.read_task_run_states(run_id)
+            if s.state_details.task_parameters_id
+        ),
+        None,
+    )
+    if parameters_id is None:
+        raise WorkerLost(f"task run {run_id}: no stored parameters to queue it again with")
+    state = Scheduled(message="its GPU worker stopped; queued again")
+    state.state_details.deferred = True
+    state.state_details.task_parameters_id = parameters_id
+    client.set_task_run_state(run_id, state, force=True)
+
+
+def _workers_serving(client, task_key: str) -> bool:
+    try:
+        response = client._client.post(
+            "/task_workers/filter", json={"task_worker_filter": {"task_keys": [task_key]}}
+        )
+        return bool(response.json())
+    except Exception:  # the warning is a hint; never fail a lecture over it
+        return True
+
+
+def _forget(url: str) -> None:
+    try:
+        storage.delete(url)
+    except Exception:  # a leftover heartbeat costs a few bytes
+        pass

@@ -1,0 +1,359 @@
+"""produce_lecture: lecture audio + portrait + prompt -> a published, checked avatar video.
+
+stage -> prepare (audio, segment plan, portrait, prompt) -> generate segment by segment (handoff
+state flows forward) -> assemble (no re-encode) -> QC -> report -> publish (manifest.json last).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import PurePosixPath
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from pydantic import BaseModel, Field, field_validator
+
+from flows.dispatch import run_on_gpu_workers
+from liveavatar_core import storage
+from liveavatar_core.engines import GenerationConfig, registry
+from liveavatar_core.errors import QCFailed
+from liveavatar_core.keys import segment_key
+from liveavatar_core.manifest import (
+    AttemptRecord,
+    AudioInput,
+    EngineInfo,
+    ImageInput,
+    Inputs,
+    Manifest,
+    OutputInfo,
+    PromptInput,
+    SegmentRecord,
+    Settings,
+    job_key,
+)
+from liveavatar_core.timebase import AUDIO_SAMPLE_RATE
+from tasks.finish import assemble, encode_audio_track, probe_output, publish, quality_check, render_report
+from tasks.generate import generate_segment
+from tasks.models import EngineChoice, PlannedSegment, PortraitPrep, PromptPrep, SegmentJob, SegmentOutput
+from tasks.prepare import plan_segments as plan_segments_task
+from tasks.prepare import prepare_audio, prepare_portrait, prepare_prompt
+from tasks.results import result_storage
+from tasks.stage import check_destination, stage_input
+
+DEFAULT_WORK = "~/.cache/liveavatar-batch/work"
+# The produce-lecture deployment sets it to "gpu-workers" for its runs (deployments/prefect.yaml): a
+# deployment's parameter default would not survive a run that passes its own `params`.
+DISPATCH_ENV = "LIVEAVATAR_DISPATCH"
+
+
+class LectureParams(BaseModel):
+    """One lecture's job. Shown as a form in the Prefect UI; the CLI fills it from its flags."""
+
+    audio: str = Field(
+        description="Lecture audio: local path, file:// or s3:// URL (wav, mp3, m4a, flac, ogg)"
+    )
+    image: str = Field(description="Portrait: local path, file:// or s3:// URL")
+    prompt: str = Field(description="Who, doing what, where, in what style")
+    title: str | None = Field(None, description="Shown in the report; default: the audio file's name")
+    out: str = Field(description="Destination: local directory, file:// or s3:// prefix")
+    engine: Literal["auto", "preview", "liveavatar"] = "auto"
+    size: str = Field(
+        "704x384", description="Output HEIGHTxWIDTH in pixels (multiples of 16; 64 for liveavatar)"
+    )
+    segment_seconds: float = Field(
+        30.0, gt=2, description="Target segment length; cuts fall in pauses near it"
+    )
+    max_segment_seconds: float = Field(40.0, gt=2, description="No segment is longer than this")
+    seed: int = Field(0, ge=0)
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="Per-segment memory budget; None: the device's"
+    )
+    allow_qc_fail: bool = Field(False, description="Publish even when QC fails")
+    work: str | None = Field(
+        None, description="Work store (local dir or s3:// prefix); default $LIVEAVATAR_WORK"
+    )
+    checkpoint_dir: str | None = Field(
+        None, description="LiveAvatar checkpoints; default $LIVEAVATAR_CHECKPOINT_DIR"
+    )
+    random_weights: bool = Field(
+        False, description="LiveAvatar with random full-size weights (benchmarks only)"
+    )
+    dispatch: Literal["in-process", "gpu-workers"] = Field(
+        default_factory=lambda: os.environ.get(DISPATCH_ENV, "in-process"),  # type: ignore[arg-type]
+        description="Where segments are generated: in this flow run's process, or on the long-lived "
+        "GPU workers (`liveavatar-batch worker --gpu N`). Default: $LIVEAVATAR_DISPATCH, else in-process",
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        h, _, w = value.lower().partition("x")
+        if (
+            not (h.isdigit() and w.isdigit())
+            or int(h) % 16
+            or int(w) % 16
+            or not (64 <= int(h) <= 2048 and 64 <= int(w) <= 2048)
+        ):
+            raise ValueError(
+                f"--size {value!r} must be HEIGHTxWIDTH, each a multiple of 16 between 64 and 2048"
+            )
+        return f"{int(h)}x{int(w)}"
+
+    @property
+    def height(self) -> int:
+        return int(self.size.split("x")[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.size.split("x")[1])
+
+    def work_store(self) -> str:
+        work = self.work or os.environ.get("LIVEAVATAR_WORK") or DEFAULT_WORK
+        return work if storage.is_remote(work) else str(storage.local_path(work))
+
+    def checkpoints(self) -> str | None:
+        return self.checkpoint_dir or os.environ.get("LIVEAVATAR_CHECKPOINT_DIR")
+
+
+@flow(name="produce_lecture")
+def produce_lecture(params: LectureParams) -> dict[str, str]:
+    """Produce one lecture video and publish it to `params.out`; returns the published URLs."""
+    log = get_run_logger()
+    work = params.work_store()
+    timings: dict[str, float] = {}
+    stage = _stage_timer(timings)
+
+    with stage("stage"):
+        check_destination(params.out)
+        audio_in = stage_input(params.audio, "--audio", work)
+        image_in = stage_input(params.image, "--image", work)
+    engine = choose_engine(params)
+    log.info("engine: %s %s (%s)", engine.name, engine.version, engine.reason)
+
+    with stage("prepare"):
+        prep = prepare_audio(audio_in, work)
+        # AAC encoding of the whole lecture (a minute of CPU per hour) overlaps generation.
+        audio_track = encode_audio_track.submit(prep)
+        plan = plan_segments_task(prep, params.segment_seconds, params.max_segment_seconds)
+        face = prepare_portrait(image_in, params.height, params.width, work)
+        text = prepare_prompt(params.prompt, engine)
+
+    with stage("generate"):
+        config = GenerationConfig(height=params.height, width=params.width)
+        outputs, records = generate_segments(plan, face, text, engine, config, params, work)
+
+    inputs = Inputs(
+        audio=AudioInput(url=params.audio, sha256=audio_in.sha256, duration_s=prep.duration_s,
+                         sample_rate=prep.sample_rate, channels=prep.channels, codec=prep.codec),
+        image=ImageInput(url=params.image, sha256=image_in.sha256, faces_found=face.faces_found),
+        prompt=PromptInput(text=text.text, tokens=text.tokens, truncated=text.truncated),
+    )  # fmt: skip
+    settings = lecture_settings(params)
+    key = job_key(inputs, settings)
+
+    with stage("assemble"):
+        video_url = assemble(outputs, audio_track.result(), work, key)
+    with stage("qc"):
+        qc_report = quality_check(video_url, prep, sum(p.frames for p in plan))
+        info = probe_output(video_url)
+
+    manifest = Manifest(
+        job_key=key,
+        lecture={"title": params.title or PurePosixPath(params.audio).stem, "destination": params.out},
+        inputs=inputs,
+        settings=settings,
+        engine=EngineInfo(
+            name=engine.name, version=engine.version, weights=engine.weights, reason=engine.reason
+        ),
+        audio={
+            "loudness_in": prep.loudness_in,
+            "loudness_out": prep.loudness_out,
+            "speech_spans": len(prep.speech),
+            "speech_s": round(sum(s.end_s - s.start_s for s in prep.speech), 3),
+        },
+        segments=records,
+        output=OutputInfo(
+            duration_s=info.duration_s,
+            audio_duration_s=info.audio.duration_s if info.audio else 0.0,
+            frames=info.video.frames,
+            fps=info.video.fps,
+            width=info.video.width,
+            height=info.video.height,
+        ),
+        qc=qc_report,
+        warnings=face.warnings + text.warnings,
+        timings_s={name: round(seconds, 3) for name, seconds in timings.items()},
+    )
+    with stage("report"):
+        html = render_report(video_url, manifest.model_dump(by_alias=True), qc_report)
+    if not qc_report["passed"] and not params.allow_qc_fail:
+        failed = ", ".join(c["name"] for c in qc_report["checks"] if not c["passed"])
+        report_url = storage.join(work, "lectures", key, "report.html")
+        storage.write_bytes(report_url, html.encode())
+        raise QCFailed(f"quality check failed ({failed}); nothing was published; report: {report_url}")
+
+    published = publish(params.out, video_url, json.dumps(qc_report, indent=2), html, manifest.to_json())
+    log.info("published %s", ", ".join(published.values()))
+    return published
+
+
+def lecture_settings(params: LectureParams) -> Settings:
+    """The job's settings as the manifest records them (part of its job key)."""
+    return Settings(
+        engine=params.engine,
+        size=params.size,
+        segment_seconds=params.segment_seconds,
+        max_segment_seconds=params.max_segment_seconds,
+        seed=params.seed,
+        memory_budget_gb=params.memory_budget_gb,
+    )
+
+
+def choose_engine(params: LectureParams) -> EngineChoice:
+    """Resolve --engine auto|NAME into a concrete engine, and say why."""
+    name, reason = registry.resolve(params.engine, params.checkpoints(), params.random_weights)
+    weights = "none" if name == "preview" else ("random" if params.random_weights else "checkpoint")
+    return EngineChoice(
+        name=name,
+        version=registry.engine_class(name).version,
+        weights=weights,
+        reason=reason,
+        checkpoint_dir=params.checkpoints() if name != "preview" else None,
+        random_weights=params.random_weights and name != "preview",
+    )
+
+
+def generate_segments(
+    plan: list[PlannedSegment],
+    face: PortraitPrep,
+    text: PromptPrep,
+    engine: EngineChoice,
+    config: GenerationConfig,
+    params: LectureParams,
+    work: str,
+) -> tuple[list[SegmentOutput], list[SegmentRecord]]:
+    """Generate the segments in order; each starts from the handoff state the previous one ended with."""
+    task = generate_segment.with_options(result_storage=result_storage(work))
+    budget = int(params.memory_budget_gb * 1024**3) if params.memory_budget_gb else None
+    progress = _Progress(plan)
+    outputs, records = [], []
+    previous: SegmentOutput | None = None
+    for seg in plan:
+        job = SegmentJob(
+            key=segment_key(
+                audio_sha=seg.audio_sha256,
+                portrait_sha=face.sha256,
+                prompt=text.text,
+                engine=engine.name,
+                engine_version=engine.version,
+                weights=engine.weights,
+                config=config.to_dict(),
+                seed=params.seed,
+                # The previous key hashes everything that shaped the previous segment, so it names
+                # the handoff state it produced without reading that state.
+                handoff_sha=previous.key if previous else None,
+            ),
+            index=seg.index,
+            audio_url=seg.audio_url,
+            frames=seg.frames,
+            portrait_url=face.url,
+            face_box=face.face_box,
+            prompt=text.text,
+            engine=engine,
+            config=config.to_dict(),
+            seed=params.seed,
+            handoff_url=previous.handoff_url if previous else None,
+            memory_budget_bytes=budget,
+            work=work,
+        )
+        output, cached = _run_segment(task, job, params.dispatch)
+        outputs.append(output)
+        records.append(
+            SegmentRecord(
+                index=seg.index,
+                start_s=seg.start_sample / AUDIO_SAMPLE_RATE,
+                end_s=seg.end_sample / AUDIO_SAMPLE_RATE,
+                frames=seg.frames,
+                cut=seg.cut,
+                key=job.key,
+                cached=cached,
+                attempts=[AttemptRecord(**a) for a in output.attempts],
+            )
+        )
+        progress.done(seg, cached, output.seconds)
+        previous = output
+    return outputs, records
+
+
+def _run_segment(task, job: SegmentJob, dispatch: str) -> tuple[SegmentOutput, bool]:
+    """Run (or reuse) one segment here or on a GPU worker; returns its output and whether it was cached."""
+    if dispatch == "gpu-workers":
+        state = run_on_gpu_workers(task, job)
+    else:
+        state = task(job, return_state=True)
+    output: SegmentOutput = state.result()
+    cached = state.name == "Cached"
+    if cached and not storage.exists(output.video_url):
+        # The cache record outlived the files it points to (a cleaned work store): make them again.
+        get_run_logger().warning("segment %d: cached video missing, generating it again", job.index)
+        return _run_segment(task.with_options(refresh_cache=True), job, dispatch)[0], False
+    return output, cached
+
+
+class _Progress:
+    """Segments done / total, lecture seconds done, elapsed and ETA: in the log and as a UI artifact."""
+
+    def __init__(self, plan: list[PlannedSegment]):
+        self.total = len(plan)
+        self.total_s = sum(p.end_sample - p.start_sample for p in plan) / AUDIO_SAMPLE_RATE
+        self.count = 0
+        self.done_s = 0.0
+        self.generated_s = 0.0  # lecture seconds generated (not cached) in this run
+        self.generation_wall = 0.0
+        self.start = time.monotonic()
+        self.artifact = create_progress_artifact(progress=0.0, description="Segments generated")
+
+    def done(self, seg: PlannedSegment, cached: bool, seconds: float) -> None:
+        length = (seg.end_sample - seg.start_sample) / AUDIO_SAMPLE_RATE
+        self.count += 1
+        self.done_s += length
+        if not cached:
+            self.generated_s += length
+            self.generation_wall += seconds
+        rate = self.generation_wall / self.generated_s if self.generated_s else None
+        if self.count == self.total:
+            eta = _clock(0)
+        else:
+            eta = _clock(rate * (self.total_s - self.done_s)) if rate is not None else "?"
+        get_run_logger().info(
+            "segment %d/%d %s · %.0f/%.0f s of lecture · elapsed %s · ETA %s",
+            self.count,
+            self.total,
+            "reused (cached)" if cached else f"generated in {seconds:.1f} s",
+            self.done_s,
+            self.total_s,
+            _clock(time.monotonic() - self.start),
+            eta,
+        )
+        update_progress_artifact(self.artifact, progress=100.0 * self.count / self.total)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _stage_timer(timings: dict[str, float]):
+    @contextmanager
+    def stage(name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+    return stage

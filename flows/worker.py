@@ -1,0 +1,195 @@
+"""`liveavatar-batch worker --gpu K`: one long-lived process per GPU that serves segment generation.
+
+It is a Prefect task worker for `generate_segment`: any lecture's flow run, on any host, queues its
+segments with `.delay()` and whichever GPU worker is free takes the next one. The process
+
+* sets CUDA_VISIBLE_DEVICES=K for itself before anything loads CUDA, so the engine sees one device;
+* (re)creates the strict global concurrency limit `gpu-<host>-<K>` (limit 1) on the Prefect server and
+  sets $LIVEAVATAR_GPU_SLOT, which makes `generate_segment` hold it around every generation;
+* loads the engine once, at start, and keeps it for every segment it serves;
+* runs one segment at a time and takes the next one only when it is free (`one_at_a_time_task_worker`);
+* survives a failing segment: that task run fails, the worker takes the next one.
+
+Parameters and results travel through the work store's result storage (`tasks/results.py`): workers
+and flows must use the same work store ($LIVEAVATAR_WORK, an s3:// prefix when hosts differ).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+from functools import cache
+
+log = logging.getLogger("liveavatar.worker")
+
+HOST_ENV = "LIVEAVATAR_HOST_ID"
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    gpu: int
+    engine: str = "auto"
+    checkpoint_dir: str | None = None
+    random_weights: bool = False
+    work: str | None = None
+    host: str | None = None
+
+
+def host_id(explicit: str | None = None) -> str:
+    """This host's name in concurrency limits: $LIVEAVATAR_HOST_ID or the hostname, as [a-z0-9-]."""
+    raw = explicit or os.environ.get(HOST_ENV) or socket.gethostname()
+    return re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-") or "host"
+
+
+def gpu_slot(host: str, gpu: int) -> str:
+    """The name of the strict concurrency limit that admits one generation at a time on a GPU."""
+    return f"gpu-{host}-{gpu}"
+
+
+def ensure_gpu_limit(name: str, *, reclaim: bool) -> str:
+    """Make sure the strict limit `name` exists with limit 1; returns what was done.
+
+    With `reclaim`, a limit whose slot is taken is created afresh: a starting worker owns its GPU, so
+    a taken slot belongs to a process that died on this GPU (its lease would hold it for a minute).
+    Recreating (not resetting) the limit keeps that old lease from ever freeing the new one's slot.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            return "created"
+        if reclaim and limit.active_slots > 0:
+            client.delete_global_concurrency_limit_by_name(name)
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            return "reclaimed from a previous process on this GPU"
+        if limit.limit != 1 or not limit.active:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
+            return "set to limit 1"
+        return "exists"
+
+
+def serve_gpu(options: WorkerOptions) -> None:
+    """Run the GPU worker until it is stopped (SIGTERM or Ctrl-C). Raises InputError on bad setup."""
+    # Before anything imports torch: the engine must see exactly this GPU, as cuda:0.
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(options.gpu)
+    if options.checkpoint_dir:
+        os.environ["LIVEAVATAR_CHECKPOINT_DIR"] = options.checkpoint_dir
+
+    from prefect.settings import get_current_settings
+
+    from flows.lecture import DEFAULT_WORK
+    from liveavatar_core import storage
+    from liveavatar_core.engines import registry
+    from liveavatar_core.errors import InputError
+    from tasks.generate import GPU_SLOT_ENV, generate_segment
+    from tasks.results import result_storage
+
+    if not get_current_settings().api.url:
+        raise InputError("worker", "needs a Prefect server: set PREFECT_API_URL (as for the flows)")
+    work = options.work or os.environ.get("LIVEAVATAR_WORK") or DEFAULT_WORK
+    work = work if storage.is_remote(work) else str(storage.local_path(work))
+    if not storage.is_remote(work):
+        log.warning("work store %s is local: only flows on this host can use this worker", work)
+
+    slot = gpu_slot(host_id(options.host), options.gpu)
+    log.info("GPU %d: concurrency limit %s %s", options.gpu, slot, ensure_gpu_limit(slot, reclaim=True))
+    os.environ[GPU_SLOT_ENV] = slot
+
+    checkpoints = options.checkpoint_dir or os.environ.get("LIVEAVATAR_CHECKPOINT_DIR")
+    name, reason = registry.resolve(options.engine, checkpoints, options.random_weights)
+    preview = name == "preview"
+    registry.load(
+        registry.EngineSpec(
+            name, None if preview else checkpoints, options.random_weights and not preview, None
+        )
+    )
+    log.info("engine %s loaded (%s); serving generate-segment from %s", name, reason, work)
+
+    task = generate_segment.with_options(result_storage=result_storage(work))
+    try:
+        asyncio.run(_serve(task))
+    except BaseException as exc:  # noqa: B036 - a stop arrives as one of these, maybe grouped
+        if not _expected_stop(exc):
+            raise
+    log.info("GPU %d: worker stopped", options.gpu)
+
+
+async def _serve(task) -> None:
+    await one_at_a_time_task_worker()(task, limit=1).astart()
+
+
+def _expected_stop(exc: BaseException) -> bool:
+    from prefect.task_worker import StopTaskWorker
+
+    expected = (StopTaskWorker, asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_expected_stop(e) for e in exc.exceptions)
+    return isinstance(exc, expected)
+
+
+@cache
+def one_at_a_time_task_worker() -> type:
+    """The `OneAtATimeTaskWorker` class (built on first use: Prefect loads after CUDA_VISIBLE_DEVICES)."""
+    from prefect.client.schemas.objects import TaskRun
+    from prefect.client.subscriptions import Subscription
+    from prefect.settings import get_current_settings
+    from prefect.task_worker import TaskWorker
+
+    class OneAtATimeTaskWorker(TaskWorker):
+        """Prefect's TaskWorker, except that it takes a run from the server only when it can start it.
+
+        The stock worker acknowledges the next run as soon as the server sends it and then waits for
+        a free slot: killed meanwhile, that run is lost (acknowledged, so the server will not send it
+        again, and still "Scheduled", so no one notices). Here a run stays unacknowledged until this
+        worker is free; if the worker dies first, the server hands it to another worker.
+
+        SIGTERM (docker stop) lets the segment in flight finish, takes no new one, then exits; a second
+        SIGTERM, or one while idle, exits at once.
+        """
+
+        _stop_requested = False
+
+        def handle_sigterm(self, signum: object = None, frame: object = None) -> None:
+            busy = self._limiter is not None and self._limiter.available_tokens < 1
+            if not busy or self._stop_requested:
+                raise SystemExit(0)
+            self._stop_requested = True
+            log.info("SIGTERM: finishing the segment in flight, then stopping (SIGTERM again to stop now)")
+
+        async def _subscribe_to_task_scheduling(self) -> None:
+            base_url = get_current_settings().api.url
+            if base_url is None:
+                raise ValueError("PREFECT_API_URL must be set to use the task worker")
+            logging.getLogger("prefect.task_worker").info(
+                "Subscribing to runs of task(s): %s (one at a time)", ", ".join(sorted(self.task_keys))
+            )
+            subscription = Subscription(
+                model=TaskRun,
+                path="/task_runs/subscriptions/scheduled",
+                keys=self.task_keys,
+                client_id=self.client_id,
+                base_url=base_url,
+            )
+            while True:
+                while self._limiter is not None and self._limiter.available_tokens < 1:
+                    await asyncio.sleep(0.05)
+                if self._stop_requested:
+                    return
+                task_run = await subscription.__anext__()
+                logging.getLogger("prefect.task_worker").info(
+                    "Received task run: %s - %s", task_run.id, task_run.name
+                )
+                if await self._acquire_token(task_run.id):
+                    assert self._runs_task_group is not None
+                    self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, task_run)
+
+    return OneAtATimeTaskWorker

@@ -1,0 +1,436 @@
+"""Performance backends, applied to a loaded DiT from outside: fp8 linears, weight offload, KV-cache
+offload, torch.compile. Each is chosen by name and raises `BackendUnavailable` (never falls back) when
+the device cannot run it.
+
+* fp8: the blocks' linear layers (attention q/k/v/o, FFN, audio injectors) become `Fp8Linear`, e4m3
+  weights with one float32 scale per tensor, activations quantised per call with one scale per tensor,
+  multiplied by `torch._scaled_mm`. Embeddings, time MLPs, the head and the audio encoder stay as they
+  are (as in the reference). Applied after the LoRA merge, since it quantises the merged weights.
+* weight offload: every block's weights live in pinned host memory; two GPU slots hold the block being
+  computed and the next one, copied on a side stream while the current block runs.
+* KV offload: the four step rings live in pinned host memory; each layer's context is copied to the GPU
+  on a side stream one layer ahead of the compute, and the block's new keys/values go back.
+* compile: `torch.compile` of every block's forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ...errors import LiveAvatarError
+from .kv_cache import RingKVCache
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+# Linear layers inside the blocks that fp8 converts, by their last name parts (all 40 blocks).
+_FP8_LINEARS = (
+    "self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
+    "cross_attn.q", "cross_attn.k", "cross_attn.v", "cross_attn.o",
+    "ffn.0", "ffn.2",
+    "audio.attn.q", "audio.attn.k", "audio.attn.v", "audio.attn.o", "audio.norm.linear",
+)  # fmt: skip
+
+
+class BackendUnavailable(LiveAvatarError):
+    """A requested backend cannot run on this device or torch build."""
+
+    def __init__(self, backend: str, problem: str):
+        super().__init__(f"{backend}: {problem}")
+        self.backend = backend
+        self.problem = problem
+
+
+# ---------------------------------------------------------------------------------------------------
+# availability
+# ---------------------------------------------------------------------------------------------------
+
+_FP8_PROBES: dict[str, str | None] = {}
+
+
+def fp8_problem(device: torch.device) -> str | None:
+    """Why fp8 linears cannot run on `device` (None when a probe matmul works)."""
+    key = str(device)
+    if key not in _FP8_PROBES:
+        try:
+            a = torch.ones(16, 16, device=device).to(FP8)
+            one = torch.ones((), device=device)
+            torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+            _FP8_PROBES[key] = None
+        except (RuntimeError, AttributeError, NotImplementedError) as exc:
+            name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+            _FP8_PROBES[key] = (
+                f"torch._scaled_mm with float8_e4m3fn does not run on {name} ({str(exc).splitlines()[0]}); "
+                "fp8 needs an fp8 GPU (compute capability 8.9+: H100, H200, L40S, RTX 40xx)"
+            )
+    return _FP8_PROBES[key]
+
+
+def offload_problem(device: torch.device) -> str | None:
+    """Offload moves data between a CUDA device and pinned host memory; nothing to do elsewhere."""
+    if device.type != "cuda":
+        return f"offload keeps tensors in host memory away from a CUDA device; this engine runs on {device}"
+    return None
+
+
+def require(backend: str, problem: str | None) -> None:
+    if problem is not None:
+        raise BackendUnavailable(backend, problem)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fp8 linears
+# ---------------------------------------------------------------------------------------------------
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T + b with W in e4m3 (one scale per tensor) and x quantised per call (one scale)."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # float8_e4m3fn [out, in]
+        self.register_buffer("weight_scale", weight_scale)  # float32 [], dequantisation factor
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        w = linear.weight.detach()
+        scale = w.abs().amax().float().clamp(min=1e-12) / FP8_MAX
+        q = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(q, scale, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xq, scale = _quantise_activation(x, self.in_features)
+        fused_bias = self.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
+        out = torch._scaled_mm(
+            xq,
+            self.weight.t(),  # column-major view of the row-major weight, as _scaled_mm wants
+            scale_a=scale,
+            scale_b=self.weight_scale,
+            bias=self.bias.to(x.dtype) if fused_bias else None,
+            out_dtype=x.dtype,
+            use_fast_accum=True,
+        )
+        if self.bias is not None and not fused_bias:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+class _LastQuantised:
+    """The most recent activation quantisation: q, k and v (and an injector's k and v) project the
+    same tensor one after another, so it is quantised once, not three times. Holds only a weak
+    reference to the input; the tensor's version counter tells an in-place change."""
+
+    source: weakref.ref | None = None
+    version = -1
+    result: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _quantise_activation(x: torch.Tensor, features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., features] -> (e4m3 [tokens, features], float32 per-tensor scale)."""
+    last = _LastQuantised
+    if last.source is not None and last.source() is x and last.version == x._version:
+        return last.result
+    x2 = x.reshape(-1, features)
+    # The infinity norm is max |x| in one reduction (no |x| copy). No clamp before the cast:
+    # |x| / scale <= 448·(1 + 2^-8) even with the scale rounded to x's dtype, and e4m3 rounds
+    # everything below 464 to at most 448 (only inf/nan inputs would differ, and clamp keeps nan).
+    amax = torch.linalg.vector_norm(x2, ord=float("inf"))
+    scale = amax.float().clamp(min=1e-12) / FP8_MAX
+    xq = (x2 / scale.to(x2.dtype)).to(FP8)
+    last.source, last.version, last.result = weakref.ref(x), x._version, (xq, scale)
+    return xq, scale
+
+
+def fp8_linear_names(model: nn.Module) -> list[str]:
+    """Module names of the DiT's linears that fp8 converts."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith("blocks.") and name.endswith(_FP8_LINEARS)
+    ]
+
+
+def apply_fp8(model: nn.Module) -> int:
+    """Replace the blocks' linears by `Fp8Linear`, one at a time (peak: one bf16 weight extra).
+
+    Returns the number of bytes freed on the model's device."""
+    require("fp8", fp8_problem(next(model.parameters()).device))
+    freed = 0
+    with torch.no_grad():
+        for name in fp8_linear_names(model):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            linear = getattr(parent, child)
+            freed += linear.weight.numel() * (linear.weight.element_size() - 1)
+            setattr(parent, child, Fp8Linear.from_linear(linear))
+    return freed
+
+
+def is_fp8(model: nn.Module) -> bool:
+    return any(isinstance(m, Fp8Linear) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------
+# weight offload
+# ---------------------------------------------------------------------------------------------------
+
+
+class BlockWeightOffload:
+    """The blocks' weights in pinned host memory, streamed to two GPU slots one block ahead.
+
+    Every module inside block i gets a forward pre-hook that makes block i resident, so any path into
+    a block (its forward, or `embed_text` calling a block's cross-attention directly) finds its weights.
+    Making block i resident also starts copying block i+1 into the other slot on a side stream.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device):
+        require("offload_weights", offload_problem(device))
+        self.device = device
+        self.blocks = list(model.blocks)
+        self.entries = [_tensor_entries(block) for block in self.blocks]
+        # Slots first (an OOM here leaves the model as it was): one GPU tensor per (entry position,
+        # shape, dtype); blocks with and without audio injectors differ.
+        self.slots: list[dict[tuple, torch.Tensor]] = [{}, {}]
+        for entries in self.entries:
+            for j, (module, _kind, name) in enumerate(entries):
+                tensor = getattr(module, name)
+                for slot in self.slots:
+                    key = (j, tuple(tensor.shape), tensor.dtype)
+                    if key not in slot:
+                        slot[key] = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+        self.host = [_pinned_copy([getattr(m, n) for m, _, n in entries]) for entries in self.entries]
+        for entries, pinned in zip(self.entries, self.host, strict=True):
+            _point(entries, pinned)
+        torch.cuda.empty_cache()
+        self.owner: list[int | None] = [None, None]
+        self.ready: list[torch.cuda.Event | None] = [None, None]
+        self.current: int | None = None
+        self.current_slot = 0
+        self.stream = torch.cuda.Stream(device)
+        self.hooks = [
+            module.register_forward_pre_hook(_resident_hook(self, i))
+            for i, block in enumerate(self.blocks)
+            for module in block.modules()
+        ]
+
+    def slot_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for slot in self.slots for t in slot.values())
+
+    def ensure(self, i: int) -> None:
+        """Make block i's weights resident (waiting for its copy), and start copying block i+1."""
+        if self.current == i:
+            return
+        slot = self.owner.index(i) if i in self.owner else 1 - self.current_slot
+        if self.owner[slot] != i:
+            self._load(i, slot)
+        torch.cuda.current_stream(self.device).wait_event(self.ready[slot])
+        _point(self.entries[i], self._slot_tensors(i, slot))
+        self.current, self.current_slot = i, slot
+        following = (i + 1) % len(self.blocks)
+        if following != i and following not in self.owner:
+            self._load(following, 1 - slot)
+
+    def _slot_tensors(self, i: int, slot: int) -> list[torch.Tensor]:
+        return [self.slots[slot][(j, tuple(t.shape), t.dtype)] for j, t in enumerate(self.host[i])]
+
+    def _load(self, i: int, slot: int) -> None:
+        previous = self.owner[slot]
+        if previous is not None:
+            _point(self.entries[previous], self.host[previous])
+            if self.current == previous:
+                self.current = None
+        # Whatever the compute stream has queued so far (the previous owner's use of this slot) must
+        # finish before the copy overwrites it.
+        free = torch.cuda.Event()
+        free.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(free)
+            for dst, src in zip(self._slot_tensors(i, slot), self.host[i], strict=True):
+                dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self.owner[slot], self.ready[slot] = i, done
+
+    def remove(self) -> None:
+        """Undo: weights back on the GPU as ordinary tensors, hooks removed."""
+        torch.cuda.synchronize(self.device)
+        for hook in self.hooks:
+            hook.remove()
+        for entries, pinned in zip(self.entries, self.host, strict=True):
+            _point(entries, [t.to(self.device) for t in pinned])
+        self.slots = [{}, {}]
+        self.host = []
+
+
+def _resident_hook(offload: BlockWeightOffload, i: int) -> Callable:
+    def hook(module, args):
+        offload.ensure(i)
+
+    return hook
+
+
+def _pinned_copy(tensors: list[torch.Tensor], pin: bool = True) -> list[torch.Tensor]:
+    """Copies of `tensors` in one pinned host buffer (one allocation per block: pinned allocations are
+    rounded up to powers of two, so one per tensor would waste up to half the memory)."""
+    align = 64
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // align) * align
+    buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+    copies = []
+    for t, offset in zip(tensors, offsets, strict=True):
+        view = buffer[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        copies.append(view)
+    return copies
+
+
+def _tensor_entries(block: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """(module, 'param' | 'buffer', name) for every tensor a block owns, in a fixed order."""
+    entries = []
+    for module in block.modules():
+        entries += [(module, "param", n) for n, p in module._parameters.items() if p is not None]
+        entries += [(module, "buffer", n) for n, b in module._buffers.items() if b is not None]
+    return entries
+
+
+def _point(entries: list[tuple[nn.Module, str, str]], tensors: list[torch.Tensor]) -> None:
+    for (module, kind, name), tensor in zip(entries, tensors, strict=True):
+        if kind == "param":
+            module._parameters[name].data = tensor
+        else:
+            module._buffers[name] = tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# KV offload
+# ---------------------------------------------------------------------------------------------------
+
+
+class HostRing:
+    """A step's ring cache in pinned host memory, read one layer ahead on a side stream.
+
+    Same interface as `RingKVCache` (what `LiveAvatarDiT.forward_block` calls): `context_ranges` starts
+    copying layer 0's context, each layer's second read starts the next layer's copy. Writes (the
+    block's new keys/values, 3 frames) go to host memory on the compute stream.
+    """
+
+    def __init__(self, ring: RingKVCache, device: torch.device):
+        require("offload_kv_cache", offload_problem(device))
+        self.ring = ring
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self.ranges: tuple[list[range], list[range]] = ([], [])
+        self.pending: dict[tuple[int, int], tuple[list, list, torch.cuda.Event]] = {}
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.ring.tokens_per_frame
+
+    @property
+    def slot_frames(self) -> list[int]:
+        return self.ring.slot_frames
+
+    @property
+    def capacity_frames(self) -> int:
+        return self.ring.capacity_frames
+
+    def reset(self) -> None:
+        self.ring.reset()
+        self.pending.clear()
+
+    def first_slot(self, frame_index: int, frames: int) -> int:
+        return self.ring.first_slot(frame_index, frames)
+
+    def commit(self, frame_index: int, frames: int) -> None:
+        self.ring.commit(frame_index, frames)
+
+    def context_ranges(self, frame_index: int, frames: int) -> tuple[list[range], list[range]]:
+        self.ranges = self.ring.context_ranges(frame_index, frames)
+        self.pending.clear()
+        self._prefetch(0)
+        return self.ranges
+
+    def _prefetch(self, layer: int) -> None:
+        if layer >= self.ring.k.shape[0]:
+            return
+        queued = torch.cuda.Event()  # host writes queued so far must land before we read
+        queued.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(queued)
+            for part, ranges in enumerate(self.ranges):
+                ks = [
+                    self.ring.k[layer, :, r.start : r.stop].to(self.device, non_blocking=True) for r in ranges
+                ]
+                vs = [
+                    self.ring.v[layer, :, r.start : r.stop].to(self.device, non_blocking=True) for r in ranges
+                ]
+                done = torch.cuda.Event()
+                done.record(self.stream)
+                self.pending[(layer, part)] = (ks, vs, done)
+
+    def read(self, layer: int, ranges: list[range], device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        part = 0 if ranges == self.ranges[0] and (layer, 0) in self.pending else 1
+        if (layer, part) not in self.pending:  # an access pattern we did not foresee: plain copy
+            return self.ring.read(layer, ranges, self.device)
+        ks, vs, done = self.pending.pop((layer, part))
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(done)
+        for t in (*ks, *vs):
+            t.record_stream(compute)  # allocated on the side stream, used (and freed) on this one
+        if part == 1:
+            self._prefetch(layer + 1)
+        return ks, vs
+
+    def write(self, layer: int, frame_index: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.ring.write(layer, frame_index, k, v)
+
+
+# ---------------------------------------------------------------------------------------------------
+# compile
+# ---------------------------------------------------------------------------------------------------
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile every block's forward (inductor). Raises BackendUnavailable where dynamo cannot run."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise BackendUnavailable("compile", "torch.compile is not supported by this Python/torch build")
+    # A block forward comes in ~8 shapes (sink; ring filling up; the block's slot at each ring
+    # position), above dynamo's default of 8 recompiles per function.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in model.blocks:
+        block.compile()
+
+
+def remove_compile(model: nn.Module) -> None:
+    """Back to eager blocks (weight offload swaps tensors under the blocks, which compiled graphs do not
+    expect). `nn.Module.compile` keeps the compiled callable in `_compiled_call_impl`."""
+    for block in model.blocks:
+        block._compiled_call_impl = None
+
+
+__all__ = [
+    "FP8_MAX",
+    "BackendUnavailable",
+    "BlockWeightOffload",
+    "Fp8Linear",
+    "HostRing",
+    "apply_compile",
+    "apply_fp8",
+    "remove_compile",
+    "fp8_linear_names",
+    "fp8_problem",
+    "is_fp8",
+    "offload_problem",
+]

@@ -1,0 +1,451 @@
+"""The LiveAvatar engine: loaded once per worker, then asked for segment after segment.
+
+`LiveAvatarEngine(checkpoint_dir=..., random_weights=..., device=...)` loads the DiT (LoRA merged),
+the umT5 text encoder, wav2vec2 and the Wan2.1 VAE. `generate(request, sink)` runs one segment
+(`pipeline.SegmentRun`) with the backends its config asks for (fp8, offload, compile: `backends`),
+and returns the handoff bytes the next segment continues from (`handoff`). `estimate_memory` and
+`ladder` come from `memory` and `rungs`. A CUDA out-of-memory error frees what the attempt allocated
+and becomes our `OutOfMemory`, so the ladder can retry on the next rung with the model still loaded.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...errors import InputError, OutOfMemory
+from ...timebase import SAMPLES_PER_FRAME
+from ..base import Engine, FrameSink, GenerationConfig, GiB, Rung, SegmentRequest, SegmentResult
+from .backends import (
+    BackendUnavailable,
+    BlockWeightOffload,
+    HostRing,
+    apply_compile,
+    apply_fp8,
+    fp8_problem,
+    is_fp8,
+    offload_problem,
+    remove_compile,
+    require,
+)
+from .checkpoint import load_dit, random_init
+from .components import (
+    CheckpointLayout,
+    count_tokens,
+    load_components,
+    load_tokenizer,
+    random_components,
+)
+from .config import DiTConfig
+from .dit import TextContext
+from .handoff import Handoff
+from .kv_cache import CondKVCache
+from .memory import ModelSizes, estimate_memory
+from .pipeline import (
+    Caches,
+    FeatureStream,
+    PortraitState,
+    SegmentRun,
+    StreamSettings,
+    Timings,
+    prepare_portrait,
+)
+from .ring import WindowRing, ring_capacity_frames
+from .rungs import SIDE_MULTIPLE, degrade_ladder
+from .text_encoder import TEXT_LEN
+
+_PORTRAITS_KEPT = 2  # portrait states cached per engine (a worker serves one or two lectures at a time)
+
+
+class LiveAvatarEngine(Engine):
+    """LiveAvatar (Wan2.2-S2V-14B + LiveAvatar LoRA), streaming, one GPU."""
+
+    name = "liveavatar"
+    version = "1"
+
+    def __init__(
+        self,
+        checkpoint_dir: str | None = None,
+        random_weights: bool = False,
+        device: str | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+        tiny: bool = False,
+        settings: StreamSettings | None = None,
+    ):
+        """Load every model once. `random_weights` builds full-size (with `tiny`: test-size) seeded random
+        weights instead of reading a checkpoint: for benchmarks and capacity planning, never a fallback."""
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.settings = settings or StreamSettings()
+        self.seed = seed
+        if random_weights:
+            self.layout = None
+            self.parts = random_components(self.device, self.dtype, seed, tiny=tiny)
+        elif checkpoint_dir is None:
+            raise InputError(
+                "--checkpoint-dir",
+                "the liveavatar engine needs the official checkpoints (Wan2.2-S2V-14B/ and LiveAvatar/); "
+                "pass --random-weights to run it with random weights for timing",
+            )
+        else:
+            self.layout = CheckpointLayout(Path(checkpoint_dir))
+            self.parts = load_components(self.layout, self.device, self.dtype)
+        dit = self.parts.dit
+        self.sizes = ModelSizes.from_models(
+            dit, self.parts.text.model, self.parts.audio.model, self.parts.vae.model
+        )
+        self.signature = _signature(dit.config, self.parts.weights)
+        for encoder in self.parts.encoders():
+            encoder.to("cpu")
+        self._encoders_resident: bool | None = False
+        self._weight_offload: BlockWeightOffload | None = None
+        self._compiled = False
+        self._text: tuple[str, TextContext] | None = None
+        self._portraits: OrderedDict[tuple, PortraitState] = OrderedDict()
+        self._host_rings: dict[tuple, list[WindowRing]] = {}
+
+    # ----- the Engine contract ------------------------------------------------------------------------
+
+    def default_config(self) -> GenerationConfig:
+        return GenerationConfig()
+
+    def estimate_memory(self, config: GenerationConfig) -> int:
+        return estimate_memory(config, self.parts.dit.config, self.sizes, self.dtype).total
+
+    def memory_parts(self, config: GenerationConfig) -> dict[str, int]:
+        """The estimate by part (for reports and the benchmark)."""
+        return estimate_memory(config, self.parts.dit.config, self.sizes, self.dtype).parts
+
+    def ladder(self, config: GenerationConfig) -> list[Rung]:
+        return degrade_ladder(
+            config,
+            fp8_available=fp8_problem(self.device) is None,
+            offload_available=offload_problem(self.device) is None,
+            estimate=self.estimate_memory,
+        )
+
+    @classmethod
+    def token_counter(cls, checkpoint_dir: str | None) -> Callable[[str], int] | None:
+        """umT5 tokens of a prompt (with </s>), from the tokenizer in the checkpoint folder."""
+        if not checkpoint_dir:
+            return None
+        folder = CheckpointLayout(Path(checkpoint_dir)).tokenizer
+        if not folder.is_dir():
+            return None
+        tokenizer = load_tokenizer(folder)
+        return lambda text: count_tokens(tokenizer, text)
+
+    def close(self) -> None:
+        if self._weight_offload is not None:
+            self._weight_offload = None
+        self._text = None
+        self._portraits.clear()
+        self._host_rings.clear()
+        self.parts = None  # type: ignore[assignment]
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ----- one segment --------------------------------------------------------------------------------
+
+    def _generate(self, request: SegmentRequest, sink: FrameSink) -> SegmentResult:
+        config = request.config
+        self._check_config(config)
+        estimate = self.estimate_memory(config)
+        capacity = self._device_capacity()
+        if capacity is not None and request.memory_budget_bytes is None and estimate > capacity:
+            raise OutOfMemory(
+                f"{self.name} at {config.size}, {config.steps} steps needs about {estimate / GiB:.1f} GiB, "
+                f"more than this GPU's {capacity / GiB:.1f} GiB",
+                needed_bytes=estimate,
+                budget_bytes=capacity,
+            )
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            result = self._run(request, sink)
+        except torch.OutOfMemoryError as exc:
+            message = str(exc).splitlines()[0] if str(exc) else "out of memory"
+            traceback.clear_frames(exc.__traceback__)  # the attempt's tensors die with its frames
+            exc = None
+            self._release_caches()
+            raise OutOfMemory(
+                f"{self.name} ran out of device memory at {config.size}, {config.steps} steps "
+                f"(estimate {estimate / GiB:.1f} GiB): {message}",
+                needed_bytes=estimate,
+                budget_bytes=capacity,
+            ) from None
+        result.details["estimate_bytes"] = estimate
+        return result
+
+    def _run(self, request: SegmentRequest, sink: FrameSink) -> SegmentResult:
+        config = request.config
+        self._apply_backends(config)
+        timings = Timings()
+        text = self._text_context(request.prompt, config, timings)
+        handoff, status, replay = self._read_handoff(request)
+        dit = self.parts.dit
+        h, w = config.height // 8, config.width // 8
+        portrait = None
+        if handoff is None:
+            portrait = self._portrait(request.portrait, config, timings)
+        caches = self._caches(config, h, w)
+        blocks = -(-request.num_frames // (dit.config.block_frames * 4))
+        features = self._features(request, handoff, blocks * dit.config.block_frames * 4, config)
+        run = SegmentRun(
+            self.parts,
+            request,
+            sink,
+            settings=self.settings,
+            text=text,
+            features=features,
+            portrait=portrait,
+            handoff=handoff,
+            replay=replay,
+            caches=caches,
+            model_signature=self.signature,
+            timings=timings,
+        )
+        frames, state = run.run()
+        payload = state.to_bytes()
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        details = {
+            "weights": self.parts.weights,
+            "blocks": blocks,
+            "handoff_in": status,
+            "replayed_blocks": len(handoff.replay) if handoff is not None and replay else 0,
+            "handoff_bytes": len(payload),
+            "next_frame": state.next_frame,
+            "timings": timings.as_dict(),
+            "peak_measured": self.device.type == "cuda",
+        }
+        return SegmentResult(frames, payload, 0.0, peak, details)
+
+    # ----- checks and placement -----------------------------------------------------------------------
+
+    def _check_config(self, config: GenerationConfig) -> None:
+        for side, value in (("height", config.height), ("width", config.width)):
+            if value < SIDE_MULTIPLE or value % SIDE_MULTIPLE:
+                raise InputError(
+                    f"liveavatar {side}",
+                    f"{value} px: must be a positive multiple of {SIDE_MULTIPLE} (e.g. 704x384)",
+                )
+        if not 1 <= config.steps <= 8:
+            raise InputError(
+                "liveavatar steps", f"{config.steps}: the distilled model runs 1..8 steps (4 is its own)"
+            )
+        if config.compile and config.offload_weights:
+            raise BackendUnavailable(
+                "compile", "torch.compile with weight offload is not supported; choose one"
+            )
+
+    def _device_capacity(self) -> int | None:
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device)
+
+    def _apply_backends(self, config: GenerationConfig) -> None:
+        """Bring the weights and encoders into the state `config` asks for (cheap when they are)."""
+        if config.offload_weights or config.offload_kv_cache:
+            require("offload", offload_problem(self.device))
+        if config.fp8:
+            require("fp8", fp8_problem(self.device))
+        dit = self.parts.dit
+        if self._weight_offload is not None and (not config.offload_weights or config.fp8 != is_fp8(dit)):
+            self._weight_offload.remove()
+            self._weight_offload = None
+        if config.fp8 and not is_fp8(dit):
+            apply_fp8(dit)
+        elif not config.fp8 and is_fp8(dit):
+            self._reload_dit()
+            dit = self.parts.dit
+        if config.offload_weights and self._compiled:
+            remove_compile(dit)
+            self._compiled = False
+        if config.offload_weights and self._weight_offload is None:
+            self._weight_offload = BlockWeightOffload(dit, self.device)
+        if config.compile and not self._compiled:
+            apply_compile(dit)
+            self._compiled = True
+        # Encoders: text runs on the host when offloaded, wav2vec2 visits the device per chunk. The flag
+        # is None while a move is under way, so a move an OOM interrupted is redone.
+        if config.offload_encoders and self._encoders_resident is not False:
+            self._encoders_resident = None
+            for encoder in self.parts.encoders():
+                encoder.to("cpu")
+            self._encoders_resident = False
+        elif not config.offload_encoders and self._encoders_resident is not True:
+            self._encoders_resident = None
+            for encoder in self.parts.encoders():
+                encoder.to(self.device)
+            self._encoders_resident = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _reload_dit(self) -> None:
+        """Back from fp8 to the model dtype: the bf16 weights are gone, so read them again."""
+        config = self.parts.dit.config
+        self.parts.dit = None  # type: ignore[assignment]
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.layout is None:
+            self.parts.dit = random_init(config, self.device, self.dtype, seed=self.seed)
+        else:
+            self.parts.dit = load_dit(self.layout.wan, self.layout.lora, device=self.device, dtype=self.dtype)
+        self._compiled = False
+        self._text = None
+
+    @contextmanager
+    def _on_device(self, encoder, config: GenerationConfig) -> Iterator[None]:
+        """`encoder` on the device for the duration (and back to the host after, if offloaded)."""
+        if config.offload_encoders:
+            encoder.to(self.device)
+        try:
+            yield
+        finally:
+            if config.offload_encoders:
+                encoder.to("cpu")
+
+    # ----- conditioning ---------------------------------------------------------------------------------
+
+    def _text_context(self, prompt: str, config: GenerationConfig, timings: Timings) -> TextContext:
+        """The prompt's cross-attention K/V for every layer: encoded once, kept while the prompt repeats."""
+        if self._text is not None and self._text[0] == prompt:
+            return self._text[1]
+        self._text = None
+        start = _clock(self.device)
+        # Resident: on the device. Offloaded: on the host CPU, once per prompt (umT5-XXL is 11 GB; the
+        # prompt is a few dozen tokens), so the text encoder never takes device memory.
+        states = self.parts.text.encode_prompt(prompt)  # [n tokens, text_dim]
+        context = self.parts.dit.embed_text([states.to(self.device, self.dtype)])
+        self._text = (prompt, context)
+        timings.text += _clock(self.device) - start
+        return context
+
+    def _portrait(self, image: np.ndarray, config: GenerationConfig, timings: Timings) -> PortraitState:
+        key = (
+            hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest(),
+            image.shape,
+            config.height,
+            config.width,
+        )
+        if key in self._portraits:
+            self._portraits.move_to_end(key)
+            return self._portraits[key]
+        start = _clock(self.device)
+        state = prepare_portrait(
+            self.parts,
+            image,
+            config.height,
+            config.width,
+            self.parts.dit.config.motion_latent_frames,
+            self.settings.decoder_prime_latents,
+        )
+        timings.prepare += _clock(self.device) - start
+        self._portraits[key] = state
+        while len(self._portraits) > _PORTRAITS_KEPT:
+            self._portraits.popitem(last=False)
+        return state
+
+    def _read_handoff(self, request: SegmentRequest) -> tuple[Handoff | None, str, bool]:
+        """(state, what became of it, whether its rings are replayed). An area/model mismatch starts the
+        segment fresh; a step-count mismatch keeps the sink and decoder but not the rings. Both are
+        recorded in the result's details (the manifest shows them)."""
+        if request.handoff is None:
+            return None, "none", False
+        state = Handoff.from_bytes(request.handoff)
+        cfg = request.config
+        problem = state.mismatch(cfg.height, cfg.width, cfg.steps, self.signature)
+        if problem is None:
+            return state, "continued", True
+        if state.steps != cfg.steps and problem.startswith("it was made with"):
+            return state, f"continued without KV replay: {problem}", False
+        return None, f"ignored (independent start): {problem}", False
+
+    def _caches(self, config: GenerationConfig, h: int, w: int) -> Caches:
+        """This attempt's cond cache and step rings (host rings are kept: pinning 40 GB is slow)."""
+        dit_cfg = self.parts.dit.config
+        frames = ring_capacity_frames(dit_cfg)
+        cond = CondKVCache.allocate(dit_cfg, 1, h, w, device=self.device, dtype=self.dtype)
+        if not config.offload_kv_cache:
+            rings = [
+                WindowRing.allocate(
+                    dit_cfg, 1, h, w, device=self.device, dtype=self.dtype, capacity_frames=frames
+                )
+                for _ in range(config.steps)
+            ]
+            return Caches(cond, rings)
+        key = (h, w, config.steps)
+        if key not in self._host_rings:
+            self._host_rings.clear()
+            self._host_rings[key] = [
+                WindowRing.allocate(
+                    dit_cfg, 1, h, w, device="cpu", dtype=self.dtype, capacity_frames=frames, pin_memory=True
+                )
+                for _ in range(config.steps)
+            ]
+        rings = []
+        for ring in self._host_rings[key]:
+            ring.reset()
+            rings.append(HostRing(ring, self.device))
+        return Caches(cond, rings)
+
+    def _features(
+        self, request: SegmentRequest, handoff: Handoff | None, frames: int, config: GenerationConfig
+    ) -> FeatureStream:
+        """wav2vec2 features for the segment's blocks, after the previous segment's audio as left context."""
+        tail = handoff.audio_tail if handoff is not None else np.zeros(0, np.float32)
+        skip = len(tail) // SAMPLES_PER_FRAME
+        audio = np.concatenate([tail, request.audio]).astype(np.float32, copy=False)
+        chunks = self.parts.audio.iter_features(audio, skip + frames)
+        return FeatureStream(self._placed(chunks, self.parts.audio, config), skip)
+
+    def _placed(
+        self, chunks: Iterator[torch.Tensor], encoder, config: GenerationConfig
+    ) -> Iterator[torch.Tensor]:
+        """Pull each chunk with the encoder on the device (moved back between chunks if offloaded)."""
+        while True:
+            with self._on_device(encoder, config):
+                chunk = next(chunks, None)
+            if chunk is None:
+                return
+            yield chunk
+
+    def _release_caches(self) -> None:
+        """After an OOM: drop the prompt's K/V (the next rung may place the encoders differently). The
+        portrait states stay: they are a few latents on the device and the decoder cache on the host."""
+        self._text = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _signature(config: DiTConfig, weights: str) -> str:
+    digest = hashlib.sha256(json.dumps(config.to_official(), sort_keys=True).encode()).hexdigest()[:16]
+    return f"{weights}-{digest}"
+
+
+def _clock(device: torch.device) -> float:
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+__all__ = ["LiveAvatarEngine", "TEXT_LEN"]

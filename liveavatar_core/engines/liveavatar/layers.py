@@ -1,0 +1,104 @@
+"""Small layers shared by the DiT blocks and the audio injectors.
+
+Precision follows the official model as it runs under bf16 autocast: norms are computed in float32,
+projections run in the weights' dtype (bf16 in production), and the caller does modulation math in
+float32. With float32 weights (tests, parity) everything is float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DiTConfig
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over all heads at once (q/k norm of Wan): normalise in float32, back to x's dtype,
+    then scale."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        normed = torch.mul(x32, rms, out=torch.empty_like(x))  # rounded to x's dtype as it is stored
+        if normed.dtype == self.weight.dtype:
+            return normed.mul_(self.weight)
+        return normed * self.weight
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32, returned in the input's dtype (Wan's `WanLayerNorm` under autocast)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype != torch.float32 and self._params_match(x.dtype):
+            # CUDA's layer norm computes a bf16/fp16 input in float32 and rounds once on the way
+            # out: the same bits as the float32 path below, in one kernel instead of three.
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+    def _params_match(self, dtype: torch.dtype) -> bool:
+        return all(p is None or p.dtype == dtype for p in (self.weight, self.bias))
+
+
+def scale_shift(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """x * scale + shift in float32, rounded once to `dtype` as it is stored.
+
+    x may be bf16: multiplying by the float32 scale promotes it exactly inside the kernel, so this is
+    `(x.float() * scale + shift).to(dtype)` bit for bit, in two kernels instead of four."""
+    return torch.add(x * scale, shift, out=torch.empty(x.shape, dtype=dtype, device=x.device))
+
+
+class Attention(nn.Module):
+    """The q, k, v, o projections with RMS-normed q and k, shared by self-, text- and audio attention.
+
+    Only projections live here; who attends to what (KV caches, RoPE) is decided by the caller.
+    Shapes: x [B, N, dim] -> q/k/v [B, N, heads, head_dim].
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim = config.dim
+        self.num_heads = config.num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, config.eps)
+        self.norm_k = RMSNorm(dim, config.eps)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        return k, v
+
+    def out(self, attended: torch.Tensor) -> torch.Tensor:
+        """[B, N, heads, head_dim] -> [B, N, dim]."""
+        return self.o(attended.flatten(2))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Full (unmasked) attention. q [B, Nq, H, D], k/v [B, Nk, H, D] -> [B, Nq, H, D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep features [cos | sin], computed in float64 as the official code does: [N, dim]."""
+    half = dim // 2
+    t = t.to(torch.float64).flatten()
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = torch.outer(t, freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)

@@ -1,0 +1,182 @@
+"""Peak device memory of one segment, from shapes alone (no model needs to be loaded).
+
+The block loop is the peak phase. What is resident then:
+
+| part | bytes (704x384, 4 steps, bf16) |
+|---|---|
+| DiT weights (bf16; fp8 linears: 1 byte; offload: non-block weights + 2 block slots) | 32.6 GB / 17 GB |
+| text encoder, unless `offload_encoders` (then it runs on the host, once per prompt) | 11.4 GB |
+| wav2vec2 (resident, or visiting the device chunk by chunk when offloaded) | 0.6 GB |
+| VAE weights and the streaming decoder's causal cache | 0.25 + 1.2 GB |
+| the prompt's cross-attention K/V (all layers, 512 tokens) | 0.4 GB |
+| cond (sink) cache: 2.5·fsl tokens x layers x (k, v) | 2.2 GB |
+| step rings: steps x 9 latent frames x fsl x layers x (k, v), or 2 prefetched layers if offloaded | 31.1 GB |
+| transient: a block forward's activations, or one latent's VAE decode, whichever is larger | ~1-2 GB |
+
+Before the loop, the portrait encode and the prompt encode have their own, smaller peaks. The activation
+and decode terms are first-order models of what our code allocates; the GPU benchmark reports the
+estimate against the measured peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from ..base import GenerationConfig
+from .backends import fp8_linear_names
+from .config import DiTConfig
+from .framepack import cond_token_count
+from .kv_cache import kv_bytes_per_token
+from .ring import ring_capacity_frames
+from .text_encoder import TextEncoderConfig
+from .vae import decoder_state_nbytes
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Bytes of the models' weights as the engine holds them (compute dtype unless noted)."""
+
+    dit: int  # the whole DiT (float32 modules at 4 bytes)
+    dit_fp8_saving: int  # bytes fp8 saves (converted linears: itemsize - 1 byte each)
+    dit_blocks: int  # all blocks together
+    dit_block_slot: int  # one weight-offload slot: the largest block (one with an audio injector)
+    text_encoder: int
+    audio_encoder: int
+    vae: int
+    vae_base_dim: int = 96
+
+    @classmethod
+    def from_models(
+        cls, dit: torch.nn.Module, text: torch.nn.Module, audio: torch.nn.Module, vae: torch.nn.Module
+    ) -> ModelSizes:
+        """Measured off loaded models (in whatever state they are: count them before fp8/offload)."""
+        itemsize = dit.compute_dtype.itemsize
+        linears = fp8_linear_names(dit)
+        saving = sum(dit.get_submodule(n).weight.numel() * (itemsize - 1) for n in linears)
+        blocks = [_nbytes(b) for b in dit.blocks]
+        base_dim = int(vae.decoder.conv_out.weight.shape[1]) if hasattr(vae, "decoder") else 96
+        return cls(
+            _nbytes(dit),
+            saving,
+            sum(blocks),
+            max(blocks),
+            _nbytes(text),
+            _nbytes(audio),
+            _nbytes(vae),
+            base_dim,
+        )
+
+    @classmethod
+    def from_shapes(cls, dit_config: DiTConfig, dtype: torch.dtype = torch.bfloat16) -> ModelSizes:
+        """The official models at `dit_config`'s DiT size, built on the meta device (no memory)."""
+        return _sizes_from_shapes(dit_config, dtype)
+
+
+@lru_cache(maxsize=8)
+def _sizes_from_shapes(dit_config: DiTConfig, dtype: torch.dtype) -> ModelSizes:
+    from diffusers import AutoencoderKLWan
+    from transformers import UMT5EncoderModel, Wav2Vec2Config, Wav2Vec2Model
+
+    from .checkpoint import build_empty
+    from .components import _xlsr53_config
+
+    dit = build_empty(dit_config, "meta", dtype)
+    with torch.device("meta"):
+        text = UMT5EncoderModel(TextEncoderConfig().to_hf()).to(dtype)
+        text.encoder.embed_tokens = text.shared
+        audio = Wav2Vec2Model(_xlsr53_config(Wav2Vec2Config, dit_config)).to(dtype)
+        vae = AutoencoderKLWan(base_dim=96, z_dim=16).to(dtype)
+    return ModelSizes.from_models(dit, text, audio, vae)
+
+
+def _nbytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per part at the peak phase, and the total (what `Engine.estimate_memory` returns)."""
+
+    parts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def estimate_memory(
+    config: GenerationConfig, dit: DiTConfig, sizes: ModelSizes, dtype: torch.dtype = torch.bfloat16
+) -> MemoryEstimate:
+    """Peak device bytes of one segment generated with `config` (see the module docstring)."""
+    b = dtype.itemsize
+    h, w = config.height // 8, config.width // 8
+    fsl = dit.tokens_per_frame(h, w)
+    per_token = kv_bytes_per_token(dit, dtype)  # keys + values, all layers
+    cond_tokens = cond_token_count(dit, h, w)
+    ring_tokens = ring_capacity_frames(dit) * fsl
+
+    weights = sizes.dit - (sizes.dit_fp8_saving if config.fp8 else 0)
+    if config.offload_weights:
+        slot = sizes.dit_block_slot
+        if config.fp8:
+            slot -= sizes.dit_fp8_saving // dit.num_layers  # fp8 slots hold 1-byte linears
+        weights = weights - (sizes.dit_blocks - (sizes.dit_fp8_saving if config.fp8 else 0)) + 2 * slot
+    parts = {"dit_weights": weights, "vae_weights": sizes.vae, "audio_encoder": sizes.audio_encoder}
+    if not config.offload_encoders:
+        parts["text_encoder"] = sizes.text_encoder
+    parts["text_context"] = 2 * dit.num_layers * dit.text_len * dit.dim * b
+    parts["cond_cache"] = cond_tokens * per_token
+    if config.offload_kv_cache:  # one layer being read and the next being prefetched (k and v)
+        parts["kv_rings"] = 2 * 2 * ring_tokens * dit.dim * b
+    else:
+        parts["kv_rings"] = config.steps * ring_tokens * per_token
+    parts["vae_decoder_cache"] = _decoder_state_nbytes(config.height, config.width, dtype, sizes.vae_base_dim)
+    parts["transient"] = max(
+        block_activation_bytes(dit, fsl, cond_tokens, b),
+        decode_workspace_bytes(config.height, config.width, b, sizes.vae_base_dim),
+    )
+    return MemoryEstimate(parts)
+
+
+@lru_cache(maxsize=64)
+def _decoder_state_nbytes(height: int, width: int, dtype: torch.dtype, base_dim: int) -> int:
+    return decoder_state_nbytes(height, width, dtype, base_dim)  # runs the decoder on meta tensors
+
+
+def block_activation_bytes(dit: DiTConfig, fsl: int, cond_tokens: int, b: int) -> int:
+    """Live tensors at the peak of one block forward (self-attention of the largest context).
+
+    n = 3·fsl query tokens; keys/values: 12·fsl ring tokens (the block's own included) + the sink.
+    At that point: the residual stream and its normed copy in float32, q/k/v, the float32 RoPE'd
+    q and k, the concatenated keys and values, the sink keys RoPE'd in float32, the attention output;
+    the FFN's hidden (ffn_dim wide, twice around the GELU) comes later and is counted if larger."""
+    n = dit.block_frames * fsl
+    keys = dit.ring_frames * fsl + cond_tokens
+    d = dit.dim
+    attention = n * d * (4 + 4 + 3 * b + 2 * 4 + b) + 2 * keys * d * b + cond_tokens * d * (4 + b)
+    ffn = n * d * (4 + 4 + b) + 2 * n * dit.ffn_dim * b
+    return max(attention, ffn)
+
+
+def decode_workspace_bytes(height: int, width: int, b: int, base_dim: int = 96) -> int:
+    """One latent through the VAE decoder: at full resolution, 4 frames of `base_dim` channels; a causal
+    conv holds its input with 2 cached frames prepended, its output, and a float32 norm in between."""
+    frame = base_dim * height * width
+    return frame * (6 * b + 4 * b + 4 * 4)
+
+
+__all__ = [
+    "MemoryEstimate",
+    "ModelSizes",
+    "block_activation_bytes",
+    "decode_workspace_bytes",
+    "estimate_memory",
+]

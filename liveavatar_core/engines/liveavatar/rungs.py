@@ -1,0 +1,78 @@
+"""The LiveAvatar degrade ladder, quality first.
+
+Each rung keeps everything the previous rungs changed and changes one more thing:
+
+1. requested
+2. encoders off the GPU (text encoder and wav2vec2 come to the GPU only while they run)   -> speed
+3. KV rings offloaded to pinned host memory, copied in one layer ahead                  -> speed
+4. DiT weights offloaded to pinned host memory, streamed in one block ahead              -> speed
+5. fp8 linears (per-tensor scales)                                                      -> quality (slight)
+6. 3 denoising steps instead of 4                                                        -> quality
+7. 3/4, then 1/2 of the area (sides multiples of 64, aspect kept as closely as possible) -> quality
+
+Rungs the device cannot run (fp8 without an fp8 GPU, offload without CUDA) are left out of the list,
+so the ladder never offers what would fail; asking for them directly fails loudly. Given an estimator,
+rungs that would not lower the memory estimate are left out too (e.g. 3 steps once the KV rings live
+on the host: the step count then changes host memory and time, not device memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..base import GenerationConfig, Rung
+
+SIDE_MULTIPLE = 64  # FramePack's coarsest bucket packs 8x8 latents: sides are multiples of 64 px
+AREA_STEPS = (("area-3/4", 0.75), ("area-1/2", 0.5))
+
+
+def fit_area(height: int, width: int, area: float) -> tuple[int, int]:
+    """Largest height x width, multiples of 64, with height·width <= area and aspect near height/width."""
+    aspect = height / width
+    best: tuple[int, int] | None = None
+    for h in range(SIDE_MULTIPLE, height + 1, SIDE_MULTIPLE):
+        w = max(SIDE_MULTIPLE, round(h / aspect / SIDE_MULTIPLE) * SIDE_MULTIPLE)
+        if h * w > area:
+            continue
+        key = (h * w, -abs(h / w - aspect))
+        if best is None or key > (best[0] * best[1], -abs(best[0] / best[1] - aspect)):
+            best = (h, w)
+    return best or (SIDE_MULTIPLE, SIDE_MULTIPLE)
+
+
+def degrade_ladder(
+    config: GenerationConfig,
+    *,
+    fp8_available: bool,
+    offload_available: bool,
+    estimate: Callable[[GenerationConfig], int] | None = None,
+) -> list[Rung]:
+    """Rungs from `config` down, each cheaper in memory than the one before."""
+    rungs = [Rung("requested", config, "nothing")]
+
+    def add(name: str, costs: str, **changes) -> None:
+        current = rungs[-1].config
+        changed = current.replace(**changes)
+        if changed == current:
+            return
+        if estimate is not None and estimate(changed) >= estimate(current):
+            return
+        rungs.append(Rung(name, changed, costs))
+
+    add("encoders-off-gpu", "speed", offload_encoders=True)
+    if offload_available:
+        add("kv-cache-offload", "speed", offload_kv_cache=True)
+        add("weight-offload", "speed", offload_weights=True, compile=False)  # compile cannot stream weights
+    if fp8_available:
+        add("fp8", "quality", fp8=True)
+    if config.steps > 3:
+        add("3-steps", "quality", steps=3)
+    area = config.height * config.width
+    for name, fraction in AREA_STEPS:
+        h, w = fit_area(config.height, config.width, area * fraction)
+        if h * w < rungs[-1].config.height * rungs[-1].config.width:
+            add(name, "quality", height=h, width=w)
+    return rungs
+
+
+__all__ = ["AREA_STEPS", "SIDE_MULTIPLE", "degrade_ladder", "fit_area"]

@@ -1,0 +1,85 @@
+"""Finish: assemble the lecture (no re-encode), check it, write the report, publish atomically."""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from liveavatar_core import media, qc, report, storage
+
+from .common import TRANSIENT_RETRIES
+from .models import AudioPrep, SegmentOutput
+
+
+@task(name="encode-audio-track", **TRANSIENT_RETRIES)
+def encode_audio_track(prep: AudioPrep) -> str:
+    """The whole normalised lecture audio as AAC, encoded once (the flow runs this during generation)."""
+    url = prep.wav_url.removesuffix(".wav") + ".m4a"
+    if storage.exists(url):
+        return url
+    with storage.local_file(prep.wav_url) as wav, tempfile.TemporaryDirectory() as tmp:
+        track = Path(tmp) / "audio.m4a"
+        media.encode_audio(wav, track)
+        storage.upload(track, url)
+    return url
+
+
+@task(name="assemble", **TRANSIENT_RETRIES)
+def assemble(outputs: list[SegmentOutput], audio_track_url: str, work: str, job_key: str) -> str:
+    """Concatenate the video-only segments and mux the encoded audio track once, all by copying."""
+    url = storage.join(work, "lectures", job_key, "video.mp4")
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        paths = [stack.enter_context(storage.local_file(o.video_url)) for o in outputs]
+        track = stack.enter_context(storage.local_file(audio_track_url))
+        out = Path(tmp) / "video.mp4"
+        media.assemble(paths, track, out)
+        storage.upload(out, url)
+    return url
+
+
+@task(name="quality-check", **TRANSIENT_RETRIES)
+def quality_check(video_url: str, prep: AudioPrep, expected_frames: int) -> dict:
+    """Run QC on the assembled lecture; returns the QC report as a dict (passed, checks)."""
+    with storage.local_file(video_url) as path:
+        result = qc.run_qc(
+            path, expected_frames=expected_frames, audio_duration_s=prep.duration_s, speech_spans=prep.speech
+        )
+    log = get_run_logger()
+    for check in result.checks:
+        (log.info if check.passed else log.error)(
+            "qc %s: %s (%s)", check.name, "pass" if check.passed else "FAIL", check.detail
+        )
+    return result.to_dict()
+
+
+@task(name="probe-output", **TRANSIENT_RETRIES)
+def probe_output(video_url: str) -> media.MediaInfo:
+    with storage.local_file(video_url) as path:
+        return media.probe(path)
+
+
+@task(name="render-report", **TRANSIENT_RETRIES)
+def render_report(video_url: str, manifest: dict, qc_report: dict) -> str:
+    """The HTML report (thumbnail strip, per-segment table, QC) as a string."""
+    with storage.local_file(video_url) as path:
+        return report.render_report(path, manifest, qc_report)
+
+
+@task(name="publish", **TRANSIENT_RETRIES)
+def publish(out: str, video_url: str, qc_json: str, report_html: str, manifest_json: str) -> dict[str, str]:
+    """Copy the finished files to DEST, manifest.json last; returns the published URLs."""
+    with storage.local_file(video_url) as video, tempfile.TemporaryDirectory() as tmp:
+        files = [("video.mp4", Path(video))]
+        for name, text in (
+            ("qc.json", qc_json),
+            ("report.html", report_html),
+            ("manifest.json", manifest_json),
+        ):
+            path = Path(tmp) / name
+            path.write_text(text, encoding="utf-8")
+            files.append((name, path))
+        storage.publish(files, out)
+    return {name: storage.join(out, name) for name, _ in files}

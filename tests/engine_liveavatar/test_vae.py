@@ -1,0 +1,188 @@
+"""Wan2.1 VAE: official key names -> diffusers, streaming == one-shot, handoff state, portrait latents."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from liveavatar_core.engines.liveavatar.config import CheckpointError
+from liveavatar_core.engines.liveavatar.tiny_encoders import wan21_vae_layout, write_tiny_vae
+from liveavatar_core.engines.liveavatar.vae import (
+    DECODER_CONTEXT_LATENTS,
+    LATENTS_MEAN,
+    LATENTS_STD,
+    WanVideoVAE,
+    _same_cache,
+    convert_original_state_dict,
+    decoder_state_nbytes,
+    image_to_tensor,
+    load_vae,
+    original_to_diffusers_key,
+    to_uint8,
+)
+from liveavatar_core.errors import InputError
+
+H, W = 16, 24  # pixels; latents 2 x 3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_tiny_vae(tmp_path_factory.mktemp("vae") / "Wan2.1_VAE.pth", seed=1)
+
+
+@pytest.fixture(scope="module")
+def vae(checkpoint):
+    return WanVideoVAE.load(checkpoint)
+
+
+def latents(t, seed=0):
+    return torch.randn(1, 16, t, H // 8, W // 8, generator=torch.Generator().manual_seed(seed))
+
+
+def video(t, seed=0):
+    return torch.rand(1, 3, t, H, W, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def portrait(seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+def test_key_mapping_is_complete_both_ways_at_full_size():
+    with torch.device("meta"):
+        model = AutoencoderKLWan()  # diffusers' default config is Wan2.1's VAE
+    expected = model.state_dict()
+    layout = wan21_vae_layout(base_dim=96)
+    mapped = {original_to_diffusers_key(name): name for name in layout}
+    assert len(mapped) == len(layout) == len(expected) == 194  # injective, onto
+    assert set(mapped) == set(expected)
+    for new, old in mapped.items():
+        assert tuple(expected[new].shape) == layout[old], old
+    tensors = {name: torch.empty(shape, device="meta") for name, shape in layout.items()}
+    assert set(convert_original_state_dict(tensors, expected, "Wan2.1_VAE.pth")) == set(expected)
+
+
+def test_normalisation_constants_are_diffusers_defaults():
+    with torch.device("meta"):
+        model = AutoencoderKLWan()
+    assert tuple(model.config.latents_mean) == LATENTS_MEAN
+    assert tuple(model.config.latents_std) == LATENTS_STD
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda sd: sd.pop("decoder.head.2.bias"), r"decoder.conv_out.bias\]: 1 AutoencoderKLWan tensors missing"),
+        (lambda sd: sd.__setitem__("decoder.upsamples.99.residual.0.gamma", torch.ones(1)), "upsamples.99"),
+        (
+            lambda sd: sd.__setitem__("encoder.conv1.bias", torch.ones(3)),
+            r"encoder.conv1.bias\]: shape \(3,\)",
+        ),
+    ],
+)
+def test_bad_checkpoints_are_refused_naming_the_tensor(checkpoint, tmp_path, edit, message):
+    state = torch.load(checkpoint, weights_only=True)
+    edit(state)
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(CheckpointError, match=message) as error:
+        load_vae(bad)
+    assert str(bad) in str(error.value)
+
+
+def test_loaded_model_is_materialised_and_eval(vae):
+    assert not any(p.is_meta for p in vae.model.parameters())
+    assert not vae.model.training
+    assert vae.dtype == torch.float32
+
+
+def test_streaming_decode_equals_diffusers_one_shot_decode(vae):
+    z = latents(7)
+    with torch.no_grad():
+        one_shot = vae.model.decode(vae.denormalize(z)).sample  # diffusers' own loop, fresh cache
+    stream = vae.decoder_stream()
+    blocks = [stream.decode(z[:, :, :1]), stream.decode(z[:, :, 1:4]), stream.decode(z[:, :, 4:7])]
+    assert [b.shape[2] for b in blocks] == [1, 12, 12]  # first latent -> 1 frame, later ones -> 4
+    streamed = torch.cat(blocks, dim=2)
+    assert streamed.shape == one_shot.shape == (1, 3, 25, H, W)
+    assert (streamed - one_shot).abs().max().item() < 1e-6
+
+
+def test_streaming_encode_equals_diffusers_one_shot_encode(vae):
+    x = video(13)
+    with torch.no_grad():
+        mu = vae.model.encode(x).latent_dist.mode()
+    expected = (mu - vae.mean) / vae.std
+    stream = vae.encoder_stream()
+    pieces = [stream.push(x[:, :, :3]), stream.push(x[:, :, 3:10]), stream.push(x[:, :, 10:])]
+    assert [p.shape[2] for p in pieces] == [1, 2, 1]  # chunks of 1, 4, 4, 4 complete as frames arrive
+    got = torch.cat(pieces, dim=2)
+    assert got.shape == (1, 16, 4, H // 8, W // 8)
+    assert (got - expected).abs().max().item() < 1e-5
+    assert (vae.encode(x) - got).abs().max().item() < 1e-5
+
+
+def test_decoder_state_survives_serialisation(vae):
+    z = latents(6, seed=2)
+    continuous = vae.decoder_stream()
+    expected = continuous.decode(z)[:, :, 1 + 4 * 2 :]
+    first = vae.decoder_stream()
+    first.decode(z[:, :, :3])
+    data = first.state_bytes()
+    assert len(data) > first.state_nbytes() > 0
+    resumed = vae.decoder_stream()
+    resumed.load_state_bytes(data)
+    assert torch.equal(resumed.decode(z[:, :, 3:]), expected)
+    resumed.reset()
+    assert resumed.latents_in == 0 and all(entry is None for entry in resumed.cache)
+
+
+def test_last_context_latents_rebuild_the_decoder_state_exactly(vae):
+    n = DECODER_CONTEXT_LATENTS + 6
+    z = latents(n + 3, seed=3)
+    continuous = vae.decoder_stream()
+    continuous.decode(z[:, :, :n])
+    rebuilt = vae.decoder_stream()
+    rebuilt.prime(z[:, :, :n])  # decodes only the last DECODER_CONTEXT_LATENTS
+    assert rebuilt.latents_in == n
+    assert _same_cache(continuous.cache, rebuilt.cache)
+    assert torch.equal(rebuilt.decode(z[:, :, n:]), continuous.decode(z[:, :, n:]))
+
+
+def test_state_size_from_shapes_matches_a_real_stream(vae):
+    stream = vae.decoder_stream()
+    stream.decode(latents(3))
+    assert decoder_state_nbytes(H, W, torch.float32, base_dim=8) == stream.state_nbytes()
+
+
+def test_reference_latent_is_the_second_latent_of_a_five_frame_still(vae):
+    image = portrait()
+    still = image_to_tensor(image).expand(-1, -1, 5, -1, -1)
+    expected = vae.encode(still)[:, :, 1:2]
+    assert torch.equal(vae.encode_reference(image), expected)
+
+
+def test_motion_buffer_shortcut_equals_the_365_frame_encode_and_decode(vae):
+    image = portrait(1)
+    motion = vae.encode_motion(image)
+    assert motion.length == 92 and motion.head.shape[2] < 40  # the encoder's fixed point comes early
+    brute = vae.encode(image_to_tensor(image).expand(-1, -1, 365, -1, -1))
+    assert torch.equal(motion.full(), brute)
+    assert torch.equal(motion.last(19), brute[:, :, -19:])
+    # Priming a decoder with the whole buffer, the cheap way, leaves the same state as decoding it.
+    cheap, full = vae.decoder_stream(), vae.decoder_stream()
+    cheap.prime_constant_clip(motion)
+    full.decode(brute)
+    assert cheap.latents_in == full.latents_in == 92
+    assert _same_cache(cheap.cache, full.cache)
+
+
+def test_pixels_and_uint8(vae):
+    assert to_uint8(
+        torch.tensor([-1.0, -0.5, 0.0, 1.0, 3.0]).view(1, 1, 5, 1, 1).expand(1, 3, 5, 1, 1)
+    ).reshape(5, 3)[:, 0].tolist() == [0, 64, 128, 255, 255]
+    frames = vae.decoder_stream().decode_uint8(latents(2))
+    assert frames.shape == (5, H, W, 3) and frames.dtype == np.uint8
+    with pytest.raises(InputError, match="multiples of 8"):
+        image_to_tensor(np.zeros((20, 24, 3), np.uint8))
+    x = image_to_tensor(np.full((8, 8, 3), 255, np.uint8))
+    assert x.shape == (1, 3, 1, 8, 8) and x.max().item() == 1.0
