@@ -59,22 +59,32 @@ def ensure_gpu_limit(name: str, *, reclaim: bool) -> str:
     """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+    # Workers and `deploy` may race on the same name: losing a create or a delete to another process
+    # only means the limit changed under us, so read it again.
     with get_client(sync_client=True) as client:
-        try:
-            limit = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            return "created"
-        if reclaim and limit.active_slots > 0:
-            client.delete_global_concurrency_limit_by_name(name)
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            return "reclaimed from a previous process on this GPU"
-        if limit.limit != 1 or not limit.active:
-            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
-            return "set to limit 1"
-        return "exists"
+        for _ in range(5):
+            try:
+                limit = client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                try:
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+                except ObjectAlreadyExists:
+                    continue
+                return "created"
+            if reclaim and limit.active_slots > 0:
+                try:
+                    client.delete_global_concurrency_limit_by_name(name)
+                    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+                except (ObjectNotFound, ObjectAlreadyExists):
+                    continue
+                return "reclaimed from a previous process on this GPU"
+            if limit.limit != 1 or not limit.active:
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
+                return "set to limit 1"
+            return "exists"
+    raise RuntimeError(f"concurrency limit {name} kept changing while it was being set up")
 
 
 def serve_gpu(options: WorkerOptions) -> None:

@@ -1,0 +1,70 @@
+"""GPU concurrency limits on a real Prefect server: set up by racing processes, reclaimed on restart."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from tests.fixtures.prefect_server import ROOT
+
+# Imports Prefect first, then waits for a common start time so that the calls really race.
+RACER = """
+import sys, time
+from flows.worker import ensure_gpu_limit
+time.sleep(max(0.0, float(sys.argv[1]) - time.time()))
+print(ensure_gpu_limit(sys.argv[2], reclaim=sys.argv[3] == "reclaim"))
+"""
+
+INSPECT = """
+import json, sys
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    if sys.argv[2] == "take":
+        client.increment_concurrency_slots_with_lease([sys.argv[1]], slots=1, mode="concurrency", lease_duration=600)
+    limit = client.read_global_concurrency_limit_by_name(sys.argv[1])
+    print(json.dumps({"id": str(limit.id), "limit": limit.limit, "active_slots": limit.active_slots}))
+"""
+
+
+def _python(code: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _inspect(name: str, env: dict[str, str], action: str = "read") -> dict:
+    proc = _python(INSPECT, name, action, env=env)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_workers_and_deploy_setting_up_one_limit_at_once_all_succeed(prefect_server):
+    name = "gpu-race-host-0"
+    start = time.time() + 20  # after every racer has imported Prefect (2 cores)
+    modes = ["reclaim", "reclaim", "keep", "keep"]  # two workers, two `deploy` runs
+    racers = [_python(RACER, str(start), name, mode, env=prefect_server.env) for mode in modes]
+    results = [p.communicate(timeout=180) for p in racers]
+    for proc, (out, err) in zip(racers, results, strict=True):
+        assert proc.returncode == 0, err[-2000:]
+    answers = sorted(out.strip().splitlines()[-1] for out, _ in results)
+    assert answers.count("created") == 1, answers
+    limit = _inspect(name, prefect_server.env)
+    assert (limit["limit"], limit["active_slots"]) == (1, 0)
+
+
+def test_a_starting_worker_reclaims_a_slot_left_taken_by_a_dead_process(prefect_server):
+    name = "gpu-reclaim-host-0"
+    assert _python(RACER, "0", name, "keep", env=prefect_server.env).communicate(timeout=120)[0].strip() == "created"
+    before = _inspect(name, prefect_server.env, "take")  # a worker that died mid-generation
+    assert before["active_slots"] == 1
+
+    out, err = _python(RACER, "0", name, "reclaim", env=prefect_server.env).communicate(timeout=120)
+    assert out.strip() == "reclaimed from a previous process on this GPU", err[-2000:]
+    after = _inspect(name, prefect_server.env)
+    assert after["active_slots"] == 0 and after["limit"] == 1 and after["id"] != before["id"]
+
+    out, _ = _python(RACER, "0", name, "keep", env=prefect_server.env).communicate(timeout=120)
+    assert out.strip() == "exists"
