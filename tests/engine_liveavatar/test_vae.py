@@ -104,7 +104,8 @@ def test_streaming_decode_equals_diffusers_one_shot_decode(vae):
     assert [b.shape[2] for b in blocks] == [1, 12, 12]  # first latent -> 1 frame, later ones -> 4
     streamed = torch.cat(blocks, dim=2)
     assert streamed.shape == one_shot.shape == (1, 3, 25, H, W)
-    assert (streamed - one_shot).abs().max().item() < 1e-6
+    # Same arithmetic, different conv input lengths: oneDNN may pick another kernel (fp32 rounding).
+    assert (streamed - one_shot).abs().max().item() < 1e-5
 
 
 def test_streaming_encode_equals_diffusers_one_shot_encode(vae):
