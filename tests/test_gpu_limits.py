@@ -47,7 +47,7 @@ def test_workers_and_deploy_setting_up_one_limit_at_once_all_succeed(prefect_ser
     modes = ["reclaim", "reclaim", "keep", "keep"]  # two workers, two `deploy` runs
     racers = [_python(RACER, str(start), name, mode, env=prefect_server.env) for mode in modes]
     results = [p.communicate(timeout=180) for p in racers]
-    for proc, (out, err) in zip(racers, results, strict=True):
+    for proc, (_, err) in zip(racers, results, strict=True):
         assert proc.returncode == 0, err[-2000:]
     answers = sorted(out.strip().splitlines()[-1] for out, _ in results)
     assert answers.count("created") == 1, answers
