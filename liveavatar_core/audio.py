@@ -42,6 +42,9 @@ MIN_DURATION_S = 1.0
 _MIN_NEEDED = "a lecture needs at least 1 second of audio"
 # Quieter than this (EBU R128's absolute gate is -70 LUFS) is silence: nothing to normalise or lip-sync.
 SILENCE_LUFS = -69.0
+# PyAV < 19 decodes container metadata strictly unless told otherwise (one odd tag in an upload would
+# fail the probe); 19 always decodes it leniently (surrogateescape) and no longer takes the option.
+_LENIENT_METADATA = {"metadata_errors": "ignore"} if int(av.__version__.split(".")[0]) < 19 else {}
 # The limiter runs at 2x the output rate and holds peaks this far under the true-peak target,
 # leaving room for what 2x oversampling misses. The written file's true peak is measured (4x, as
 # BS.1770 says), and pass 2 is redone with a lower ceiling in the rare case it is still over.
@@ -105,7 +108,7 @@ def probe_audio(path: PathLike, *, subject: str | None = None) -> AudioInfo:
     subject = subject or str(path)
     _check_file(path, subject)
     try:
-        with av.open(str(path), metadata_errors="ignore") as container:
+        with av.open(str(path), **_LENIENT_METADATA) as container:
             if not container.streams.audio:
                 raise InputError(subject, "has no audio stream (is it the right file?)")
             stream = container.streams.audio[0]
