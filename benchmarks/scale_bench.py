@@ -35,6 +35,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,10 @@ class Run:
     lecture_minutes_per_hour: float
     gpu_seconds: float
     gpu_busy: float  # generation seconds / (gpus x wall): how much of the GPUs' time went to generation
+    # Generation seconds per lecture (median, max): rising with G means the workers slow each other down
+    # (the host's CPUs, memory or PCIe), not that the orchestration leaves GPUs idle.
+    lecture_gpu_s_median: float
+    lecture_gpu_s_max: float
     speedup: float = 0.0  # vs the smallest GPU count, per GPU-count ratio
     efficiency: float = 0.0  # throughput / (ratio x throughput of the smallest count)
 
@@ -150,6 +155,7 @@ def _run_count(args: argparse.Namespace, env: dict[str, str], out: Path, gpus: i
     summary = json.loads((out / "published" / tag / "summary.json").read_text())
     wall = summary["wall_s"]
     minutes = summary["lecture_minutes_published"]
+    per_lecture = sorted(o["gpu_seconds"] for o in summary["lectures"] if o["status"] == "produced") or [0.0]
     run = Run(
         gpus=gpus,
         lectures=lectures,
@@ -159,6 +165,8 @@ def _run_count(args: argparse.Namespace, env: dict[str, str], out: Path, gpus: i
         lecture_minutes_per_hour=round(minutes / (wall / 3600), 2),
         gpu_seconds=summary["gpu_seconds"],
         gpu_busy=round(summary["gpu_seconds"] / (gpus * wall), 3),
+        lecture_gpu_s_median=round(statistics.median(per_lecture), 2),
+        lecture_gpu_s_max=round(per_lecture[-1], 2),
     )
     print(f"[{gpus} GPU] {asdict(run)}", file=sys.stderr, flush=True)
     return run
@@ -187,6 +195,8 @@ def _score(runs: list[Run]) -> None:
     base = runs[0]
     for r in runs:
         ratio = r.gpus / base.gpus
+        if not base.lecture_minutes_per_hour:  # nothing published at the base count: nothing to compare
+            continue
         r.speedup = round(r.lecture_minutes_per_hour / base.lecture_minutes_per_hour, 3)
         r.efficiency = round(r.speedup / ratio, 3)
 
@@ -214,14 +224,15 @@ def markdown(report: dict) -> str:
         f"Scale benchmark on {report['host']}: {report['lectures_per_gpu']} lectures per GPU, "
         f"engine {report['engine']}, size {report['size']}; target efficiency >= {report['target_efficiency']}.",
         "",
-        "| GPUs | lectures | wall (s) | lecture-min | lecture-min / hour | speedup | efficiency | GPU busy | failed |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| GPUs | lectures | wall (s) | lecture-min | lecture-min / hour | speedup | efficiency | GPU busy "
+        "| GPU s / lecture (median, max) | failed |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["runs"]:
         lines.append(
             f"| {r['gpus']} | {r['lectures']} | {r['wall_s']:.1f} | {r['lecture_minutes']:.2f} | "
             f"{r['lecture_minutes_per_hour']:.1f} | {r['speedup']:.2f}x | {r['efficiency']:.2f} | "
-            f"{r['gpu_busy']:.0%} | {r['failed']} |"
+            f"{r['gpu_busy']:.0%} | {r['lecture_gpu_s_median']:.1f}, {r['lecture_gpu_s_max']:.1f} | {r['failed']} |"
         )
     lines.append("")
     lines.append("target met" if report["passed"] else "target NOT met")
@@ -244,7 +255,17 @@ def _cut_audio(audio: str, seconds: float, out: Path) -> str:
     import imageio_ffmpeg
 
     cut = out / f"lecture-{seconds:g}s.wav"
-    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", "-i", audio, "-t", f"{seconds}", str(cut)]
+    command = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-v",
+        "error",
+        "-y",
+        "-i",
+        audio,
+        "-t",
+        f"{seconds}",
+        str(cut),
+    ]
     subprocess.run(command, check=True)
     return str(cut)
 

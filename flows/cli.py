@@ -249,6 +249,12 @@ def _add_worker(commands) -> None:
     p.add_argument(
         "--host-id", metavar="NAME", help="this host's name in the GPU limits ($LIVEAVATAR_HOST_ID)"
     )
+    p.add_argument(
+        "--cpu-threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch, OpenCV and the encoder (default: this host's cores / its GPUs)",
+    )
     p.set_defaults(run=_run_worker)
 
 
@@ -258,6 +264,8 @@ def _run_worker(args: argparse.Namespace) -> int:
 
     if args.gpu < 0:
         return _fail(EXIT_BAD_INPUT, f"--gpu {args.gpu}: must be a GPU index (0, 1, ...)")
+    if args.cpu_threads is not None and args.cpu_threads < 1:
+        return _fail(EXIT_BAD_INPUT, f"--cpu-threads {args.cpu_threads}: must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     options = WorkerOptions(
@@ -267,6 +275,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         random_weights=args.random_weights,
         work=args.work,
         host=args.host_id,
+        cpu_threads=args.cpu_threads,
     )
     try:
         serve_gpu(options)

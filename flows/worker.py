@@ -6,6 +6,8 @@ segments with `.delay()` and whichever GPU worker is free takes the next one. Th
 * sets CUDA_VISIBLE_DEVICES=K for itself before anything loads CUDA, so the engine sees one device;
 * (re)creates the strict global concurrency limit `gpu-<host>-<K>` (limit 1) on the Prefect server and
   sets $LIVEAVATAR_GPU_SLOT, which makes `generate_segment` hold it around every generation;
+* takes its share of the host's CPUs (cores / GPUs, `--cpu-threads` to choose) for torch, OpenCV and
+  the video encoder, so that co-located workers do not each run thread pools the size of the host;
 * loads the engine once, at start, and keeps it for every segment it serves;
 * runs one segment at a time and takes the next one only when it is free (`one_at_a_time_task_worker`);
 * survives a failing segment: that task run fails, the worker takes the next one.
@@ -17,6 +19,7 @@ and flows must use the same work store ($LIVEAVATAR_WORK, an s3:// prefix when h
 from __future__ import annotations
 
 import asyncio
+import glob
 import logging
 import os
 import re
@@ -37,6 +40,7 @@ class WorkerOptions:
     random_weights: bool = False
     work: str | None = None
     host: str | None = None
+    cpu_threads: int | None = None  # None: cpu_share()
 
 
 def host_id(explicit: str | None = None) -> str:
@@ -48,6 +52,14 @@ def host_id(explicit: str | None = None) -> str:
 def gpu_slot(host: str, gpu: int) -> str:
     """The name of the strict concurrency limit that admits one generation at a time on a GPU."""
     return f"gpu-{host}-{gpu}"
+
+
+def cpu_share(cores: int | None = None, gpus: int | None = None) -> int:
+    """One worker's share of this host's CPUs: the cores this process may use over the host's GPUs (the
+    /dev/nvidiaN devices it sees; one worker per GPU), at least 2."""
+    cores = cores or len(os.sched_getaffinity(0))
+    gpus = gpus or len(glob.glob("/dev/nvidia[0-9]*")) or 1
+    return max(2, cores // gpus)
 
 
 def ensure_gpu_limit(name: str, *, reclaim: bool) -> str:
@@ -81,7 +93,9 @@ def ensure_gpu_limit(name: str, *, reclaim: bool) -> str:
                     continue
                 return "reclaimed from a previous process on this GPU"
             if limit.limit != 1 or not limit.active:
-                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=True))
+                client.update_global_concurrency_limit(
+                    name, GlobalConcurrencyLimitUpdate(limit=1, active=True)
+                )
                 return "set to limit 1"
             return "exists"
     raise RuntimeError(f"concurrency limit {name} kept changing while it was being set up")
@@ -91,6 +105,9 @@ def serve_gpu(options: WorkerOptions) -> None:
     """Run the GPU worker until it is stopped (SIGTERM or Ctrl-C). Raises InputError on bad setup."""
     # Before anything imports torch: the engine must see exactly this GPU, as cuda:0.
     os.environ["CUDA_VISIBLE_DEVICES"] = str(options.gpu)
+    # Also before torch loads: its OpenMP pool is sized once, from OMP_NUM_THREADS.
+    threads = options.cpu_threads or cpu_share()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     if options.checkpoint_dir:
         os.environ["LIVEAVATAR_CHECKPOINT_DIR"] = options.checkpoint_dir
 
@@ -100,11 +117,15 @@ def serve_gpu(options: WorkerOptions) -> None:
     from liveavatar_core import storage
     from liveavatar_core.engines import registry
     from liveavatar_core.errors import InputError
+    from liveavatar_core.media import THREADS_ENV
     from tasks.generate import GPU_SLOT_ENV, generate_segment
     from tasks.results import result_storage
 
     if not get_current_settings().api.url:
         raise InputError("worker", "needs a Prefect server: set PREFECT_API_URL (as for the flows)")
+    _limit_threads(threads)
+    os.environ[THREADS_ENV] = str(threads)
+    log.info("GPU %d: %d CPU threads for torch, OpenCV and the video encoder", options.gpu, threads)
     work = options.work or os.environ.get("LIVEAVATAR_WORK") or DEFAULT_WORK
     work = work if storage.is_remote(work) else str(storage.local_path(work))
     if not storage.is_remote(work):
@@ -131,6 +152,14 @@ def serve_gpu(options: WorkerOptions) -> None:
         if not _expected_stop(exc):
             raise
     log.info("GPU %d: worker stopped", options.gpu)
+
+
+def _limit_threads(threads: int) -> None:
+    import cv2
+    import torch
+
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
 
 
 async def _serve(task) -> None:

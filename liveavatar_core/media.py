@@ -33,6 +33,9 @@ from .timebase import FPS
 # of one second puts a keyframe at every second of every segment (QC samples those).
 DEFAULT_PRESET = "veryfast"
 DEFAULT_CRF = 20
+# A process's CPU-thread cap for the encoder (0 or unset: the codec's own choice, every core). GPU
+# workers set it to their share of the host (cores / GPUs), so N encoders do not each take every core.
+THREADS_ENV = "LIVEAVATAR_CPU_THREADS"
 GOP = FPS
 # Mono speech: 64 kb/s AAC is transparent enough and encodes an hour in about a minute on one core.
 AUDIO_BITRATE = "64k"
@@ -90,6 +93,9 @@ class VideoWriter:
             stream.height = height
             stream.pix_fmt = "yuv420p"
             stream.codec_context.time_base = Fraction(1, fps)
+            threads = int(os.environ.get(THREADS_ENV) or 0)
+            if threads > 0:
+                stream.codec_context.thread_count = threads
             stream.options = {
                 "preset": preset,
                 "crf": str(crf),

@@ -64,6 +64,8 @@ def test_course_publishes_every_lecture_and_the_summary_to_s3(prefect_line, firs
     line = prefect_line
     _, result, _ = first_run
     assert result.returncode == 0, result.stderr[-3000:] + line.cpu_worker_log()[-3000:]
+    for gpu, proc in line.gpu_workers.items():
+        assert f"GPU {gpu}: 2 CPU threads" in proc.log_path.read_text()
     for lecture in LECTURES:
         keys = line.objects(f"published/course-a/{lecture}/")
         names = sorted(k.rsplit("/", 1)[1] for k in keys)

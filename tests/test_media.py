@@ -15,7 +15,7 @@ import soundfile as sf
 from liveavatar_core.engines.base import Engine, GenerationConfig, Rung, SegmentRequest, SegmentResult
 from liveavatar_core.engines.ladder import generate_with_ladder
 from liveavatar_core.errors import MediaError, OutOfMemory
-from liveavatar_core.media import VideoWriter, assemble, encode_audio, ffmpeg_exe, probe
+from liveavatar_core.media import THREADS_ENV, VideoWriter, assemble, encode_audio, ffmpeg_exe, probe
 from liveavatar_core.timebase import SAMPLES_PER_FRAME
 from tests.fixtures.media import synthetic_frames, write_segment
 
@@ -65,6 +65,20 @@ def test_writer_keeps_rgb_channel_order(tmp_path):
     frames, _, _ = _decode_rgb(tmp_path / "red.mp4")
     r, g, b = frames[..., 0].mean(), frames[..., 1].mean(), frames[..., 2].mean()
     assert r > 200 and g < 30 and b < 30
+
+
+def test_writer_keeps_to_the_process_thread_cap(tmp_path, monkeypatch):
+    frames = synthetic_frames(30, H, W)
+    monkeypatch.setenv(THREADS_ENV, "1")
+    with VideoWriter(tmp_path / "capped.mp4", W, H) as writer:
+        assert writer._stream.codec_context.thread_count == 1
+        writer.write(frames)
+    monkeypatch.delenv(THREADS_ENV)
+    with VideoWriter(tmp_path / "free.mp4", W, H) as writer:
+        assert writer._stream.codec_context.thread_count == 0  # the codec's own choice
+        writer.write(frames)
+    decoded, _, _ = _decode_rgb(tmp_path / "capped.mp4")
+    assert len(decoded) == 30 and _psnr(decoded, frames) > 30
 
 
 def test_writer_resizes_frames_of_another_size(tmp_path):

@@ -1,4 +1,5 @@
-"""GPU concurrency limits on a real Prefect server: set up by racing processes, reclaimed on restart."""
+"""GPU-worker pieces: its share of the host's CPUs, its options, and its concurrency limit on a real
+Prefect server (set up by racing processes, reclaimed on restart)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import subprocess
 import sys
 import time
 
-from tests.fixtures.prefect_server import ROOT
+from flows.worker import cpu_share
+from tests.fixtures.prefect_server import BIN, ROOT
 
 # Imports Prefect first, then waits for a common start time so that the calls really race.
 RACER = """
@@ -28,9 +30,28 @@ with get_client(sync_client=True) as client:
 """
 
 
+def test_each_worker_takes_its_share_of_the_hosts_cores():
+    assert cpu_share(cores=64, gpus=4) == 16
+    assert cpu_share(cores=64, gpus=1) == 64
+    assert cpu_share(cores=4, gpus=8) == 2  # never fewer than 2
+    assert cpu_share(cores=6) == 6  # no GPU device nodes on this machine: one worker
+
+
+def test_a_bad_cpu_thread_count_is_refused_in_one_line():
+    command = [str(BIN / "liveavatar-batch"), "worker", "--gpu", "0", "--cpu-threads", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: --cpu-threads 0: must be at least 1"]
+
+
 def _python(code: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -57,7 +78,10 @@ def test_workers_and_deploy_setting_up_one_limit_at_once_all_succeed(prefect_ser
 
 def test_a_starting_worker_reclaims_a_slot_left_taken_by_a_dead_process(prefect_server):
     name = "gpu-reclaim-host-0"
-    assert _python(RACER, "0", name, "keep", env=prefect_server.env).communicate(timeout=120)[0].strip() == "created"
+    assert (
+        _python(RACER, "0", name, "keep", env=prefect_server.env).communicate(timeout=120)[0].strip()
+        == "created"
+    )
     before = _inspect(name, prefect_server.env, "take")  # a worker that died mid-generation
     assert before["active_slots"] == 1
 
