@@ -266,7 +266,15 @@ def _run_worker(args: argparse.Namespace) -> int:
         return _fail(EXIT_BAD_INPUT, f"--gpu {args.gpu}: must be a GPU index (0, 1, ...)")
     if args.cpu_threads is not None and args.cpu_threads < 1:
         return _fail(EXIT_BAD_INPUT, f"--cpu-threads {args.cpu_threads}: must be at least 1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)-7s | %(name)s - %(message)s")
+    # Our own logger, not the root: Prefect configures the root logger (at WARNING) when it loads, which
+    # may be before this runs.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    for name in ("liveavatar", "liveavatar_core"):
+        ours = logging.getLogger(name)
+        ours.setLevel(logging.INFO)
+        ours.addHandler(handler)
+        ours.propagate = False
     logging.getLogger("httpx").setLevel(logging.WARNING)
     options = WorkerOptions(
         gpu=args.gpu,

@@ -282,6 +282,7 @@ def generate_segments(
                 key=job.key,
                 cached=cached,
                 attempts=[AttemptRecord(**a) for a in output.attempts],
+                engine={"peak_memory_bytes": output.peak_memory_bytes, **output.details},
             )
         )
         progress.done(seg, cached, output.seconds)

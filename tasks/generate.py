@@ -104,4 +104,5 @@ def _generate(job: SegmentJob, checkpoint_dir: str | None) -> SegmentOutput:
         attempts=[a.to_dict() for a in outcome.attempts],
         seconds=outcome.result.seconds,
         peak_memory_bytes=outcome.result.peak_memory_bytes,
+        details=outcome.result.details,
     )

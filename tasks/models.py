@@ -100,3 +100,4 @@ class SegmentOutput(_Record):
     attempts: list[dict[str, Any]]
     seconds: float
     peak_memory_bytes: int
+    details: dict[str, Any] = {}  # what the engine reported for the attempt that succeeded
