@@ -33,12 +33,14 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -63,6 +65,10 @@ class Run:
     # (the host's CPUs, memory or PCIe), not that the orchestration leaves GPUs idle.
     lecture_gpu_s_median: float
     lecture_gpu_s_max: float
+    # What the host and GPUs did meanwhile (HostSampler): which of them is short when generation slows.
+    load_avg_max: float = 0.0
+    gpu_util_mean: float | None = None  # nvidia-smi utilisation, %, over the course's wall time
+    sm_clock_busy_mhz: float | None = None  # mean SM clock while a GPU was over 50% busy
     speedup: float = 0.0  # vs the smallest GPU count, per GPU-count ratio
     efficiency: float = 0.0  # throughput / (ratio x throughput of the smallest count)
 
@@ -145,7 +151,7 @@ def _run_count(args: argparse.Namespace, env: dict[str, str], out: Path, gpus: i
         if args.random_weights:
             command.append("--random-weights")
         print(f"[{gpus} GPU] {lectures} lectures ...", file=sys.stderr, flush=True)
-        with open(out / f"course-{tag}.log", "w") as log:
+        with open(out / f"course-{tag}.log", "w") as log, HostSampler(out / f"host-{tag}.csv", gpus) as host:
             subprocess.run(
                 command, cwd=ROOT, env=run_env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout
             )
@@ -167,9 +173,63 @@ def _run_count(args: argparse.Namespace, env: dict[str, str], out: Path, gpus: i
         gpu_busy=round(summary["gpu_seconds"] / (gpus * wall), 3),
         lecture_gpu_s_median=round(statistics.median(per_lecture), 2),
         lecture_gpu_s_max=round(per_lecture[-1], 2),
+        **host.summary(),
     )
     print(f"[{gpus} GPU] {asdict(run)}", file=sys.stderr, flush=True)
     return run
+
+
+class HostSampler:
+    """Every second while a course runs: the host's 1-minute load average and, where nvidia-smi exists,
+    each used GPU's utilisation, SM clock and power, written to a CSV. Slower generation with a busy host
+    and busy, full-clock GPUs points at the host; with lower clocks, at the GPUs' power or heat."""
+
+    FIELDS = "utilization.gpu,clocks.sm,power.draw"
+
+    def __init__(self, path: Path, gpus: int):
+        self.path, self.gpus = path, gpus
+        self.rows: list[tuple[float, float, list[tuple[float, float, float]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._smi = shutil.which("nvidia-smi")
+
+    def __enter__(self) -> HostSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with open(self.path, "w") as f:
+            f.write(
+                "t,load1," + ",".join(f"gpu{k}_util,gpu{k}_sm_mhz,gpu{k}_w" for k in range(self.gpus)) + "\n"
+            )
+            for t, load, per_gpu in self.rows:
+                f.write(f"{t:.1f},{load:.2f}," + ",".join(f"{u:g},{c:g},{w:g}" for u, c, w in per_gpu) + "\n")
+
+    def _sample(self) -> None:
+        start = time.monotonic()
+        while not self._stop.wait(1.0):
+            self.rows.append((time.monotonic() - start, os.getloadavg()[0], self._gpus()))
+
+    def _gpus(self) -> list[tuple[float, float, float]]:
+        if not self._smi:
+            return []
+        query = [self._smi, f"--query-gpu={self.FIELDS}", "--format=csv,noheader,nounits"]
+        try:
+            lines = subprocess.run(query, capture_output=True, text=True, timeout=10).stdout.splitlines()
+            return [tuple(float(v) for v in line.split(",")) for line in lines[: self.gpus]]  # type: ignore[misc]
+        except (OSError, subprocess.TimeoutExpired, ValueError):
+            return []
+
+    def summary(self) -> dict[str, float | None]:
+        samples = [g for _, _, per_gpu in self.rows for g in per_gpu]
+        busy = [clock for util, clock, _ in samples if util > 50]
+        return {
+            "load_avg_max": round(max((load for _, load, _ in self.rows), default=0.0), 1),
+            "gpu_util_mean": round(statistics.fmean(u for u, _, _ in samples), 1) if samples else None,
+            "sm_clock_busy_mhz": round(statistics.fmean(busy)) if busy else None,
+        }
 
 
 def _write_course(args: argparse.Namespace, folder: Path, lectures: int, tag: str, out: Path) -> Path:
@@ -225,18 +285,24 @@ def markdown(report: dict) -> str:
         f"engine {report['engine']}, size {report['size']}; target efficiency >= {report['target_efficiency']}.",
         "",
         "| GPUs | lectures | wall (s) | lecture-min | lecture-min / hour | speedup | efficiency | GPU busy "
-        "| GPU s / lecture (median, max) | failed |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| GPU s / lecture (median, max) | load max | GPU util | SM MHz busy | failed |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["runs"]:
         lines.append(
             f"| {r['gpus']} | {r['lectures']} | {r['wall_s']:.1f} | {r['lecture_minutes']:.2f} | "
             f"{r['lecture_minutes_per_hour']:.1f} | {r['speedup']:.2f}x | {r['efficiency']:.2f} | "
-            f"{r['gpu_busy']:.0%} | {r['lecture_gpu_s_median']:.1f}, {r['lecture_gpu_s_max']:.1f} | {r['failed']} |"
+            f"{r['gpu_busy']:.0%} | {r['lecture_gpu_s_median']:.1f}, {r['lecture_gpu_s_max']:.1f} | "
+            f"{r['load_avg_max']:.1f} | {_opt(r['gpu_util_mean'], '%')} | {_opt(r['sm_clock_busy_mhz'], '')} | "
+            f"{r['failed']} |"
         )
     lines.append("")
     lines.append("target met" if report["passed"] else "target NOT met")
     return "\n".join(lines)
+
+
+def _opt(value: float | None, unit: str) -> str:
+    return "–" if value is None else f"{value:g}{unit}"
 
 
 # --- processes -------------------------------------------------------------------------------------------

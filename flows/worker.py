@@ -19,6 +19,7 @@ and flows must use the same work store ($LIVEAVATAR_WORK, an s3:// prefix when h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import logging
 import os
@@ -147,7 +148,7 @@ def serve_gpu(options: WorkerOptions) -> None:
 
     task = generate_segment.with_options(result_storage=result_storage(work))
     try:
-        asyncio.run(_serve(task))
+        asyncio.run(serve_one_at_a_time(task))
     except BaseException as exc:  # noqa: B036 - a stop arrives as one of these, maybe grouped
         if not _expected_stop(exc):
             raise
@@ -162,7 +163,8 @@ def _limit_threads(threads: int) -> None:
     cv2.setNumThreads(threads)
 
 
-async def _serve(task) -> None:
+async def serve_one_at_a_time(task) -> None:
+    """Serve `task`'s background runs from this process, one at a time, until stopped."""
     await one_at_a_time_task_worker()(task, limit=1).astart()
 
 
@@ -182,14 +184,16 @@ def one_at_a_time_task_worker() -> type:
     from prefect.client.subscriptions import Subscription
     from prefect.settings import get_current_settings
     from prefect.task_worker import TaskWorker
+    from websockets.exceptions import WebSocketException
 
     class OneAtATimeTaskWorker(TaskWorker):
         """Prefect's TaskWorker, except that it takes a run from the server only when it can start it.
 
         The stock worker acknowledges the next run as soon as the server sends it and then waits for
         a free slot: killed meanwhile, that run is lost (acknowledged, so the server will not send it
-        again, and still "Scheduled", so no one notices). Here a run stays unacknowledged until this
-        worker is free; if the worker dies first, the server hands it to another worker.
+        again, and still "Scheduled", so no one notices). Here the worker is connected to the server only
+        while it is free, and takes (acknowledges) one run per connection: a busy worker is handed
+        nothing, so the next run goes to an idle worker or waits on the server for the first one free.
 
         SIGTERM (docker stop) lets the segment in flight finish, takes no new one, then exits; a second
         SIGTERM, or one while idle, exits at once.
@@ -211,6 +215,24 @@ def one_at_a_time_task_worker() -> type:
             logging.getLogger("prefect.task_worker").info(
                 "Subscribing to runs of task(s): %s (one at a time)", ", ".join(sorted(self.task_keys))
             )
+            while True:
+                while self._limiter is not None and self._limiter.available_tokens < 1:
+                    await asyncio.sleep(0.05)
+                if self._stop_requested:
+                    return
+                task_run = await self._next_run(base_url)
+                logging.getLogger("prefect.task_worker").info(
+                    "Received task run: %s - %s", task_run.id, task_run.name
+                )
+                if await self._acquire_token(task_run.id):
+                    assert self._runs_task_group is not None
+                    self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, task_run)
+
+        async def _next_run(self, base_url: str) -> TaskRun:
+            """Connect, take one run, disconnect. The server hands a run to whichever connected worker
+            asks first, and a connection asks again as soon as its last run is acknowledged: a busy
+            worker that stayed connected would be handed the next run while another worker sits idle.
+            A run sent in the moment before the disconnect goes back to the server's queue."""
             subscription = Subscription(
                 model=TaskRun,
                 path="/task_runs/subscriptions/scheduled",
@@ -218,17 +240,10 @@ def one_at_a_time_task_worker() -> type:
                 client_id=self.client_id,
                 base_url=base_url,
             )
-            while True:
-                while self._limiter is not None and self._limiter.available_tokens < 1:
-                    await asyncio.sleep(0.05)
-                if self._stop_requested:
-                    return
-                task_run = await subscription.__anext__()
-                logging.getLogger("prefect.task_worker").info(
-                    "Received task run: %s - %s", task_run.id, task_run.name
-                )
-                if await self._acquire_token(task_run.id):
-                    assert self._runs_task_group is not None
-                    self._runs_task_group.start_soon(self._safe_submit_scheduled_task_run, task_run)
+            try:
+                return await subscription.__anext__()
+            finally:
+                with contextlib.suppress(RuntimeError, OSError, WebSocketException):
+                    await subscription.websocket.close()
 
     return OneAtATimeTaskWorker

@@ -9,7 +9,8 @@ import sys
 import time
 
 from flows.worker import cpu_share
-from tests.fixtures.prefect_server import BIN, ROOT
+from tests.fixtures.nap_worker import LONG_S
+from tests.fixtures.prefect_server import BIN, ROOT, _start, _stop
 
 # Imports Prefect first, then waits for a common start time so that the calls really race.
 RACER = """
@@ -92,3 +93,34 @@ def test_a_starting_worker_reclaims_a_slot_left_taken_by_a_dead_process(prefect_
 
     out, _ = _python(RACER, "0", name, "keep", env=prefect_server.env).communicate(timeout=120)
     assert out.strip() == "exists"
+
+
+def test_a_busy_worker_leaves_the_next_run_to_an_idle_one(prefect_server, tmp_path):
+    """Two workers; a long run, then a short one while it runs: the idle worker must take the short one
+    at once. (A busy worker that holds a connection to the server can be handed the next run, which then
+    waits for it: with two workers, about every other time.)"""
+    serve = [sys.executable, "-m", "tests.fixtures.nap_worker", "serve"]
+    logs = [tmp_path / f"worker-{k}.log" for k in range(2)]
+    workers = [_start(serve, log, prefect_server.env) for log in logs]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(log.exists() and "Subscribing to runs" in log.read_text() for log in logs):
+            assert time.monotonic() < deadline and all(w.poll() is None for w in workers), logs[0].read_text()
+            time.sleep(0.2)
+        naps = tmp_path / "naps.log"
+        rounds = 6
+        command = [sys.executable, "-m", "tests.fixtures.nap_worker", "rounds", str(rounds), str(naps)]
+        done = subprocess.run(
+            command, cwd=ROOT, env=prefect_server.env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+    finally:
+        for w in workers:
+            _stop(w)
+    events = [line.split() for line in naps.read_text().splitlines()]
+    starts = [(int(pid), float(t)) for kind, pid, t in events if kind == "start"]
+    assert len(starts) == 2 * rounds
+    for k in range(rounds):
+        (long_pid, long_start), (short_pid, short_start) = starts[2 * k], starts[2 * k + 1]
+        assert short_pid != long_pid, f"round {k}: the busy worker took the short run"
+        assert short_start < long_start + LONG_S, f"round {k}: the short run waited for the long one"
