@@ -318,21 +318,10 @@ def _cli(name: str) -> list[str]:
 
 def _cut_audio(audio: str, seconds: float, out: Path) -> str:
     """The first `seconds` of `audio` as a WAV under `out` (stream copy is not exact for MP3)."""
-    import imageio_ffmpeg
+    from liveavatar_core.media import ffmpeg_exe
 
     cut = out / f"lecture-{seconds:g}s.wav"
-    command = [
-        imageio_ffmpeg.get_ffmpeg_exe(),
-        "-v",
-        "error",
-        "-y",
-        "-i",
-        audio,
-        "-t",
-        f"{seconds}",
-        str(cut),
-    ]
-    subprocess.run(command, check=True)
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-y", "-i", audio, "-t", f"{seconds}", str(cut)], check=True)
     return str(cut)
 
 

@@ -10,7 +10,7 @@ import time
 
 from flows.worker import cpu_share
 from tests.fixtures.nap_worker import LONG_S
-from tests.fixtures.prefect_server import BIN, ROOT, _start, _stop
+from tests.fixtures.prefect_server import BIN, ROOT, start_process, stop_process, wait_subscribed
 
 # Imports Prefect first, then waits for a common start time so that the calls really race.
 RACER = """
@@ -98,15 +98,14 @@ def test_a_starting_worker_reclaims_a_slot_left_taken_by_a_dead_process(prefect_
 def test_a_busy_worker_leaves_the_next_run_to_an_idle_one(prefect_server, tmp_path):
     """Two workers; a long run, then a short one while it runs: the idle worker must take the short one
     at once. (A busy worker that holds a connection to the server can be handed the next run, which then
-    waits for it: with two workers, about every other time.)"""
+    waits for it.)"""
     serve = [sys.executable, "-m", "tests.fixtures.nap_worker", "serve"]
     logs = [tmp_path / f"worker-{k}.log" for k in range(2)]
-    workers = [_start(serve, log, prefect_server.env) for log in logs]
+    workers = [start_process(serve, log, prefect_server.env) for log in logs]
+    for worker, log in zip(workers, logs, strict=True):
+        worker.log_path = log  # type: ignore[attr-defined]
     try:
-        deadline = time.monotonic() + 120
-        while not all(log.exists() and "Subscribing to runs" in log.read_text() for log in logs):
-            assert time.monotonic() < deadline and all(w.poll() is None for w in workers), logs[0].read_text()
-            time.sleep(0.2)
+        wait_subscribed(workers)
         naps = tmp_path / "naps.log"
         rounds = 6
         command = [sys.executable, "-m", "tests.fixtures.nap_worker", "rounds", str(rounds), str(naps)]
@@ -116,7 +115,7 @@ def test_a_busy_worker_leaves_the_next_run_to_an_idle_one(prefect_server, tmp_pa
         assert done.returncode == 0, done.stderr[-2000:]
     finally:
         for w in workers:
-            _stop(w)
+            stop_process(w)
     events = [line.split() for line in naps.read_text().splitlines()]
     starts = [(int(pid), float(t)) for kind, pid, t in events if kind == "start"]
     assert len(starts) == 2 * rounds
