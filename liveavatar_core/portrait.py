@@ -282,7 +282,9 @@ def _classifier(name: str) -> cv2.CascadeClassifier:
     cache: dict[str, cv2.CascadeClassifier] = _local.__dict__.setdefault("cascades", {})
     if name not in cache:
         if not hasattr(cv2, "CascadeClassifier"):  # OpenCV 5 dropped the Haar API
-            raise RuntimeError(f"OpenCV {cv2.__version__} has no Haar cascades; install opencv-python-headless 4.x")
+            raise RuntimeError(
+                f"OpenCV {cv2.__version__} has no Haar cascades; install opencv-python-headless 4.x"
+            )
         clf = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, name))
         if clf.empty():
             raise RuntimeError(f"OpenCV cascade {name} is missing; install opencv-python-headless 4.x")

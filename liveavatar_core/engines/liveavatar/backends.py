@@ -22,10 +22,8 @@ import torch
 from torch import nn
 
 from ...errors import LiveAvatarError
+from .chains import EAGER, FP8, FP8_MAX, compiled_chains, use_chains
 from .kv_cache import RingKVCache
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
 # Linear layers inside the blocks that fp8 converts, by their last name parts (all 40 blocks).
 _FP8_LINEARS = (
@@ -90,6 +88,8 @@ def require(backend: str, problem: str | None) -> None:
 class Fp8Linear(nn.Module):
     """y = x W^T + b with W in e4m3 (one scale per tensor) and x quantised per call (one scale)."""
 
+    chains = EAGER
+
     def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
@@ -107,7 +107,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        xq, scale = _quantise_activation(x, self.in_features)
+        xq, scale = _quantise_activation(x, self.in_features, self.chains)
         fused_bias = self.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
         out = torch._scaled_mm(
             xq,
@@ -133,18 +133,12 @@ class _LastQuantised:
     result: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def _quantise_activation(x: torch.Tensor, features: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantise_activation(x: torch.Tensor, features: int, chains) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., features] -> (e4m3 [tokens, features], float32 per-tensor scale)."""
     last = _LastQuantised
     if last.source is not None and last.source() is x and last.version == x._version:
         return last.result
-    x2 = x.reshape(-1, features)
-    # The infinity norm is max |x| in one reduction (no |x| copy). No clamp before the cast:
-    # |x| / scale <= 448·(1 + 2^-8) even with the scale rounded to x's dtype, and e4m3 rounds
-    # everything below 464 to at most 448 (only inf/nan inputs would differ, and clamp keeps nan).
-    amax = torch.linalg.vector_norm(x2, ord=float("inf"))
-    scale = amax.float().clamp(min=1e-12) / FP8_MAX
-    xq = (x2 / scale.to(x2.dtype)).to(FP8)
+    xq, scale = chains.quantise(x.reshape(-1, features))
     last.source, last.version, last.result = weakref.ref(x), x._version, (xq, scale)
     return xq, scale
 
@@ -401,23 +395,18 @@ class HostRing:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile every block's forward (inductor). Raises BackendUnavailable where dynamo cannot run."""
+    """Run the model's element-wise chains compiled (`chains.py`). Raises BackendUnavailable where
+    dynamo cannot run."""
     import torch._dynamo
 
     if not torch._dynamo.is_dynamo_supported():
         raise BackendUnavailable("compile", "torch.compile is not supported by this Python/torch build")
-    # A block forward comes in ~8 shapes (sink; ring filling up; the block's slot at each ring
-    # position), above dynamo's default of 8 recompiles per function.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for block in model.blocks:
-        block.compile()
+    use_chains(model, compiled_chains())
 
 
 def remove_compile(model: nn.Module) -> None:
-    """Back to eager blocks (weight offload swaps tensors under the blocks, which compiled graphs do not
-    expect). `nn.Module.compile` keeps the compiled callable in `_compiled_call_impl`."""
-    for block in model.blocks:
-        block._compiled_call_impl = None
+    """Back to eager chains."""
+    use_chains(model, EAGER)
 
 
 __all__ = [

@@ -24,14 +24,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .chains import EAGER
 from .config import DiTConfig
 from .dit_audio import AudioInjector, AudioTokens, CausalAudioEncoder
 from .framepack import FramePack
 from .kv_cache import CondKVCache, RingKVCache
-from .layers import Attention, LayerNorm32, attend, scale_shift, sinusoidal_embedding
+from .layers import Attention, LayerNorm32, attend, sinusoidal_embedding
 from .rope import (
     RopeTable,
-    apply_rope,
     block_positions,
     cond_positions,
     reference_frame_for_block,
@@ -77,6 +77,8 @@ class BlockInputs(NamedTuple):
 
 
 class DiTBlock(nn.Module):
+    chains = EAGER
+
     def __init__(self, config: DiTConfig, with_audio: bool):
         super().__init__()
         dim = config.dim
@@ -107,30 +109,22 @@ class DiTBlock(nn.Module):
 
         Returns the new x and this call's keys/values [B, N, H, D] for a cache: with RoPE in block mode
         (ring cache), without in sink mode (cond cache)."""
-        b, n, dim = x.shape
-        groups = t_mod.shape[1]
         mod = (self.modulation.float().unsqueeze(0) + t_mod).unsqueeze(3)  # [B, G, 6, 1, dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)  # [B, G, 1, dim] each
+        chains, eps = self.chains, self.norm1.eps
 
-        def grouped(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(b, groups, n // groups, dim)
-
-        # Self-attention; the residual stream is float32 inside the block. Mixed bf16/float32
-        # operands are promoted inside the kernels (exactly), so no float32 copies are made.
-        h = scale_shift(grouped(self.norm1(x)), 1 + scale1, shift1, x.dtype)
-        y, k, v = self._self_attention(h.reshape(b, n, dim), rope, context)
-        x32 = torch.add(x, (grouped(y) * gate1).reshape(b, n, dim))
+        # Self-attention; the residual stream is float32 inside the block.
+        h = chains.modulated_norm(x, shift1, scale1, eps, x.dtype)
+        y, k, v = self._self_attention(h, rope, context)
+        norm3 = self.norm3
+        x32, h = chains.residual_then_norm(x, y, gate1, norm3.weight, norm3.bias, norm3.eps)
 
         # Text cross-attention (no modulation, affine norm).
-        q = self.cross_attn.queries(self.norm3(x32.to(x.dtype)))
-        x32.add_(self.cross_attn.out(attend(q, text_k, text_v)))
+        y = self.cross_attn.out(attend(self.cross_attn.queries(h), text_k, text_v))
+        x32, h = chains.add_then_modulated_norm(x32, y, shift2, scale2, eps, x.dtype)
 
-        # Feed-forward.
-        h = scale_shift(grouped(self.norm2(x32)), 1 + scale2, shift2, x.dtype)
-        y = self.ffn(h.reshape(b, n, dim))
-        residual = (grouped(y) * gate2).reshape(b, n, dim)
-        x = torch.add(x32, residual, out=torch.empty_like(x))  # rounded to x's dtype as it is stored
-
+        # Feed-forward; the stream is rounded to x's dtype as it leaves the block.
+        x = chains.gated_residual(x32, self.ffn(h), gate2, x.dtype)
         if self.audio is not None and audio is not None:
             x = self.audio(x, audio)
         return x, k, v
@@ -138,16 +132,20 @@ class DiTBlock(nn.Module):
     def _self_attention(
         self, x: torch.Tensor, rope: RopeTable, context: SelfContext | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q = self.self_attn.queries(x)
-        k_raw, v = self.self_attn.keys_values(x)
-        q = apply_rope(q, rope, x.dtype)
-        k = apply_rope(k_raw, rope, x.dtype)
+        attn, chains = self.self_attn, self.chains
         if context is None:  # sink: among themselves; the cache keeps keys without RoPE
-            return self.self_attn.out(attend(q, k, v)), k_raw, v
-        cond_k = apply_rope(context.cond_k, context.cond_rope, x.dtype)
+            q = attn.queries(x)
+            k_raw, v = attn.keys_values(x)
+            k = chains.apply_rope(k_raw, rope, x.dtype)
+            return attn.out(attend(chains.apply_rope(q, rope, x.dtype), k, v)), k_raw, v
+        heads = attn.num_heads
+        q = chains.rms_rope(attn.q(x), attn.norm_q.weight, attn.norm_q.eps, rope, heads)
+        k = chains.rms_rope(attn.k(x), attn.norm_k.weight, attn.norm_k.eps, rope, heads)
+        v = attn.v(x).unflatten(-1, (heads, -1))
+        cond_k = chains.apply_rope(context.cond_k, context.cond_rope, x.dtype)
         keys = torch.cat([*context.before_k, k, *context.after_k, cond_k], dim=1)
         values = torch.cat([*context.before_v, v, *context.after_v, context.cond_v], dim=1)
-        return self.self_attn.out(attend(q, keys, values)), k, v
+        return attn.out(attend(q, keys, values)), k, v
 
 
 class Head(nn.Module):

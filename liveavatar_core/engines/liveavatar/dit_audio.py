@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .chains import EAGER
 from .config import DiTConfig
-from .layers import Attention, attend, scale_shift
+from .layers import Attention, attend
 
 
 class AudioTokens(NamedTuple):
@@ -89,6 +90,8 @@ class CausalAudioEncoder(nn.Module):
 class AudioAdaNorm(nn.Module):
     """LayerNorm (no affine) whose shift and scale are a linear map of SiLU(global audio vector)."""
 
+    chains = EAGER
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.eps = config.audio_norm_eps
@@ -99,10 +102,7 @@ class AudioAdaNorm(nn.Module):
     ) -> torch.Tensor:
         """x [G, S, dim], cond [G, dim] -> [G, S, dim], computed in float32 and rounded once to `dtype`."""
         shift, scale = self.linear(F.silu(cond)).chunk(2, dim=-1)
-        # 1 + scale is formed in the projection's dtype (bf16 in production), as the official model does.
-        gain = (1 + scale).float()
-        normed = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps)
-        return scale_shift(normed, gain[:, None], shift.float()[:, None], dtype)
+        return self.chains.ada_norm(x, shift, scale, self.eps, dtype)
 
 
 class AudioInjector(nn.Module):

@@ -26,7 +26,6 @@ from ...errors import InputError, OutOfMemory
 from ...timebase import SAMPLES_PER_FRAME
 from ..base import Engine, FrameSink, GenerationConfig, GiB, Rung, SegmentRequest, SegmentResult
 from .backends import (
-    BackendUnavailable,
     BlockWeightOffload,
     HostRing,
     apply_compile,
@@ -112,7 +111,6 @@ class LiveAvatarEngine(Engine):
             encoder.to("cpu")
         self._encoders_resident: bool | None = False
         self._weight_offload: BlockWeightOffload | None = None
-        self._compiled = False
         self._text: tuple[str, TextContext] | None = None
         self._portraits: OrderedDict[tuple, PortraitState] = OrderedDict()
         self._host_rings: dict[tuple, list[WindowRing]] = {}
@@ -247,10 +245,6 @@ class LiveAvatarEngine(Engine):
             raise InputError(
                 "liveavatar steps", f"{config.steps}: the distilled model runs 1..8 steps (4 is its own)"
             )
-        if config.compile and config.offload_weights:
-            raise BackendUnavailable(
-                "compile", "torch.compile with weight offload is not supported; choose one"
-            )
 
     def _device_capacity(self) -> int | None:
         if self.device.type != "cuda":
@@ -273,14 +267,13 @@ class LiveAvatarEngine(Engine):
         elif not config.fp8 and is_fp8(dit):
             self._reload_dit()
             dit = self.parts.dit
-        if config.offload_weights and self._compiled:
-            remove_compile(dit)
-            self._compiled = False
         if config.offload_weights and self._weight_offload is None:
             self._weight_offload = BlockWeightOffload(dit, self.device)
-        if config.compile and not self._compiled:
+        # After fp8, whose new linears start with eager chains.
+        if config.compile:
             apply_compile(dit)
-            self._compiled = True
+        else:
+            remove_compile(dit)
         # Encoders: text runs on the host when offloaded, wav2vec2 visits the device per chunk. The flag
         # is None while a move is under way, so a move an OOM interrupted is redone.
         if config.offload_encoders and self._encoders_resident is not False:
@@ -307,7 +300,6 @@ class LiveAvatarEngine(Engine):
             self.parts.dit = random_init(config, self.device, self.dtype, seed=self.seed)
         else:
             self.parts.dit = load_dit(self.layout.wan, self.layout.lora, device=self.device, dtype=self.dtype)
-        self._compiled = False
         self._text = None
 
     @contextmanager

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .chains import EAGER, layer_norm32, rms_norm
 from .config import DiTConfig
 
 
 class RMSNorm(nn.Module):
-    """RMS norm over all heads at once (q/k norm of Wan): normalise in float32, back to x's dtype,
-    then scale."""
+    """RMS norm over all heads at once (q/k norm of Wan); holds the weight, `rms_norm` computes."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -24,38 +24,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        normed = torch.mul(x32, rms, out=torch.empty_like(x))  # rounded to x's dtype as it is stored
-        if normed.dtype == self.weight.dtype:
-            return normed.mul_(self.weight)
-        return normed * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in float32, returned in the input's dtype (Wan's `WanLayerNorm` under autocast)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype != torch.float32 and self._params_match(x.dtype):
-            # CUDA's layer norm computes a bf16/fp16 input in float32 and rounds once on the way
-            # out: the same bits as the float32 path below, in one kernel instead of three.
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
-
-    def _params_match(self, dtype: torch.dtype) -> bool:
-        return all(p is None or p.dtype == dtype for p in (self.weight, self.bias))
-
-
-def scale_shift(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """x * scale + shift in float32, rounded once to `dtype` as it is stored.
-
-    x may be bf16: multiplying by the float32 scale promotes it exactly inside the kernel, so this is
-    `(x.float() * scale + shift).to(dtype)` bit for bit, in two kernels instead of four."""
-    return torch.add(x * scale, shift, out=torch.empty(x.shape, dtype=dtype, device=x.device))
+        return layer_norm32(x, self.weight, self.bias, self.eps)
 
 
 class Attention(nn.Module):
@@ -64,6 +40,8 @@ class Attention(nn.Module):
     Only projections live here; who attends to what (KV caches, RoPE) is decided by the caller.
     Shapes: x [B, N, dim] -> q/k/v [B, N, heads, head_dim].
     """
+
+    chains = EAGER
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -77,10 +55,14 @@ class Attention(nn.Module):
         self.norm_k = RMSNorm(dim, config.eps)
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+        return self.chains.rms_norm(self.q(x), self.norm_q.weight, self.norm_q.eps).unflatten(
+            -1, (self.num_heads, -1)
+        )
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        k = self.chains.rms_norm(self.k(x), self.norm_k.weight, self.norm_k.eps).unflatten(
+            -1, (self.num_heads, -1)
+        )
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         return k, v
 

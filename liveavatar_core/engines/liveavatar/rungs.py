@@ -62,7 +62,7 @@ def degrade_ladder(
     add("encoders-off-gpu", "speed", offload_encoders=True)
     if offload_available:
         add("kv-cache-offload", "speed", offload_kv_cache=True)
-        add("weight-offload", "speed", offload_weights=True, compile=False)  # compile cannot stream weights
+        add("weight-offload", "speed", offload_weights=True)
     if fp8_available:
         add("fp8", "quality", fp8=True)
     if config.steps > 3:

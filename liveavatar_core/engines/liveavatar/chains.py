@@ -1,0 +1,198 @@
+"""The DiT's element-wise chains, run eagerly or compiled into fused kernels.
+
+Between its matrix multiplications and attention calls, a block spends its time on short chains of
+element-wise work: layer norm then modulation, gate then residual add, RMSNorm then RoPE, fp8
+quantisation. Run eagerly, every step of a chain is a kernel that reads and writes the whole
+activation (and mixed bf16/float32 steps take PyTorch's slow dynamic-cast path). Each chain here is one
+function of tensors, so `compiled_chains()` can hand each to `torch.compile(fullgraph=True,
+dynamic=False)`: inductor fuses it into one or two kernels per shape. The weights are arguments, not
+captured constants, so weight offload can swap them under a compiled chain.
+
+Eager chains compute exactly what the reference computes. Compiled ones may contract `a*b+c` into
+one FMA, so a float32 intermediate can differ by rounding before it is stored (about 1 ulp of bf16
+in a few elements).
+
+A module that runs chains has a `chains` attribute (class default `EAGER`); `use_chains(model, ...)`
+switches a whole model.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .rope import RopeTable, apply_rope
+
+# --- primitives (also used on their own by the layers) ---
+
+
+def layer_norm32(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """Layer norm over the last dimension in float32, rounded once to x's dtype."""
+    shape = x.shape[-1:]
+    if (
+        x.is_cuda
+        and x.dtype != torch.float32
+        and all(p is None or p.dtype == x.dtype for p in (weight, bias))
+    ):
+        # CUDA's layer norm computes a bf16/fp16 input in float32 and rounds once on the way
+        # out: the same bits as the float32 path below, in one kernel instead of three.
+        return F.layer_norm(x, shape, weight, bias, eps)
+    weight = weight.float() if weight is not None else None
+    bias = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), shape, weight, bias, eps).to(x.dtype)
+
+
+def scale_shift(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """x * scale + shift in float32, rounded once to `dtype` as it is stored.
+
+    x may be bf16: multiplying by the float32 scale promotes it exactly inside the kernel, so this is
+    `(x.float() * scale + shift).to(dtype)` bit for bit, in two kernels instead of four."""
+    return torch.add(x * scale, shift, out=torch.empty(x.shape, dtype=dtype, device=x.device))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in float32, round to x's dtype as it is stored, then scale by the weight."""
+    x32 = x.float()
+    rms = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    normed = torch.mul(x32, rms, out=torch.empty_like(x))
+    if normed.dtype == weight.dtype:
+        return normed.mul_(weight)
+    return normed * weight
+
+
+# --- the chains ---
+
+
+def modulated_norm(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Layer norm (no affine, rounded to x's dtype), then `· (1 + scale) + shift` in float32, stored
+    as `dtype`. x [B, N, dim] holds G groups (latent frames) of tokens; shift/scale float32 [B, G, 1, dim]."""
+    b, n, dim = x.shape
+    normed = layer_norm32(x, None, None, eps).reshape(b, shift.shape[1], -1, dim)
+    return scale_shift(normed, 1 + scale, shift, dtype).reshape(b, n, dim)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x + y · gate, computed in float32 (mixed operands are promoted exactly) and stored as `dtype`.
+    x, y [B, N, dim]; gate float32 [B, G, 1, dim]."""
+    b, n, dim = y.shape
+    gated = (y.reshape(b, gate.shape[1], -1, dim) * gate).reshape(b, n, dim)
+    return torch.add(x, gated, out=torch.empty((b, n, dim), dtype=dtype, device=y.device))
+
+
+def residual_then_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """After self-attention: the float32 residual stream x + y·gate, and its affine layer norm taken
+    from the stream rounded to x's dtype (the text attention's input)."""
+    x32 = gated_residual(x, y, gate, torch.float32)
+    return x32, layer_norm32(x32.to(x.dtype), weight, bias, eps)
+
+
+def add_then_modulated_norm(
+    x32: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """After text attention: the float32 stream x32 + y, and its modulated norm (the FFN's input)."""
+    x32 = x32 + y
+    return x32, modulated_norm(x32, shift, scale, eps, dtype)
+
+
+def rms_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, table: RopeTable, heads: int) -> torch.Tensor:
+    """A self-attention query or key: RMSNorm over all heads, then RoPE. x [B, N, dim] -> [B, N, H, D]."""
+    normed = rms_norm(x, weight, eps).unflatten(-1, (heads, -1))
+    return apply_rope(normed, table, x.dtype)
+
+
+def ada_norm(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """The audio injector's norm: float32 layer norm of x [G, S, dim], `· (1 + scale) + shift` with
+    1 + scale formed in the projection's dtype, as the official model does; shift/scale [G, dim]."""
+    gain = (1 + scale).float()
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return scale_shift(normed, gain[:, None], shift.float()[:, None], dtype)
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+
+def quantise(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[tokens, features] -> (e4m3 values, float32 per-tensor scale).
+
+    The infinity norm is max |x| in one reduction (no |x| copy). No clamp before the cast:
+    |x| / scale <= 448·(1 + 2^-8) even with the scale rounded to x's dtype, and e4m3 rounds
+    everything below 464 to at most 448 (only inf/nan inputs would differ, and clamp keeps nan)."""
+    amax = torch.linalg.vector_norm(x2, ord=float("inf"))
+    scale = amax.float().clamp(min=1e-12) / FP8_MAX
+    return (x2 / scale.to(x2.dtype)).to(FP8), scale
+
+
+_CHAINS: dict[str, Callable] = {
+    f.__name__: f
+    for f in (
+        modulated_norm,
+        gated_residual,
+        residual_then_norm,
+        add_then_modulated_norm,
+        rms_norm,
+        rms_rope,
+        apply_rope,
+        ada_norm,
+        quantise,
+    )
+}
+
+
+class Chains:
+    """The chains as one namespace, each function as it is or wrapped by `wrap`."""
+
+    def __init__(self, name: str, wrap: Callable[[Callable], Callable] = lambda f: f):
+        self.name = name
+        for key, function in _CHAINS.items():
+            setattr(self, key, wrap(function))
+
+    def __repr__(self) -> str:
+        return f"Chains({self.name})"
+
+
+EAGER = Chains("eager")
+
+
+@functools.cache
+def compiled_chains() -> Chains:
+    """The chains under torch.compile (compiled per input shape on first use; a block sees a handful
+    of shapes: sink and block token counts, the FFN width, audio tokens)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return Chains("compiled", functools.partial(torch.compile, fullgraph=True, dynamic=False))
+
+
+def use_chains(model: nn.Module, chains: Chains) -> None:
+    """Every module of `model` that runs chains runs these."""
+    for module in model.modules():
+        if hasattr(type(module), "chains"):
+            module.chains = chains
+
+
+__all__ = ["EAGER", "FP8", "FP8_MAX", "Chains", "compiled_chains", "use_chains"]
