@@ -1,11 +1,13 @@
 """Benchmark the LiveAvatar engine with seeded random full-size weights on one GPU.
 
-For each precision (bf16, fp8) and area (704x384, 384x256): a warm-up segment (one clip: the prompt
+For each precision (bf16, fp8), area (704x384, 384x256) and way of running the element-wise chains
+(eager, compiled: `chains.py`): a warm-up segment (one clip: the prompt
 encode, the portrait encode and first-call costs, reported as "cold"), then a timed segment of
 `--clips` 48-frame clips from the same portrait (steady state), then a one-clip segment continued from
 the timed one's handoff (the cost of starting from a handoff: ring replay and decoder re-prime).
 Reported per clip: seconds end to end and FPS (audio features, DiT, VAE decode included), and each of
-those three separately; peak GPU memory (torch.cuda.max_memory_allocated) against the engine's estimate.
+those three separately; peak GPU memory (torch.cuda.max_memory_allocated) against the engine's estimate;
+for compiled rows, how far the timed segment's last frame is from the eager row's (uint8 levels).
 
 Writes OUT/engine_bench.json and OUT/engine_bench.md. `--tiny` runs test-size random models (CPU is
 fine) to check the script end to end; `--check-backends` compares every backend (KV offload, weight
@@ -91,6 +93,7 @@ def request(
 class Row:
     size: str
     precision: str
+    chains: str
     clips: int
     status: str = "ok"
     seconds_per_clip: float = 0.0
@@ -106,18 +109,22 @@ class Row:
     estimate_error: float = 0.0  # (estimate - measured) / measured
     estimate_parts_gib: dict | None = None
     handoff_mib: float = 0.0
+    max_diff_vs_eager: int | None = None  # last frame of the timed segment, uint8 levels
     error: str = ""
 
 
-def bench(engine: LiveAvatarEngine, config: GenerationConfig, clips: int) -> Row:
-    row = Row(config.size, "fp8" if config.fp8 else str(engine.dtype).removeprefix("torch."), clips)
+def bench(engine: LiveAvatarEngine, config: GenerationConfig, clips: int) -> tuple[Row, np.ndarray | None]:
+    """One row, and the timed segment's last frame."""
+    precision = "fp8" if config.fp8 else str(engine.dtype).removeprefix("torch.")
+    row = Row(config.size, precision, "compiled" if config.compile else "eager", clips)
+    last = CountingSink()
     row.estimate_gib = engine.estimate_memory(config) / GiB
     row.estimate_parts_gib = {k: round(v / GiB, 3) for k, v in engine.memory_parts(config).items()}
     try:
         cold = engine.generate(request(config, FRAMES_PER_CLIP, seed=1), CountingSink())
         row.cold_first_clip_seconds = cold.seconds
         row.cold_timings = cold.details["timings"]
-        timed = engine.generate(request(config, clips * FRAMES_PER_CLIP, seed=2), CountingSink())
+        timed = engine.generate(request(config, clips * FRAMES_PER_CLIP, seed=2), last)
         t = timed.details["timings"]
         row.seconds_per_clip = timed.seconds / clips
         row.fps = clips * FRAMES_PER_CLIP / timed.seconds
@@ -137,7 +144,7 @@ def bench(engine: LiveAvatarEngine, config: GenerationConfig, clips: int) -> Row
         row.status, row.error = "out of memory", str(exc)
     except LiveAvatarError as exc:
         row.status, row.error = "unavailable", str(exc)
-    return row
+    return row, last.last
 
 
 def check_backends(device: str | None) -> list[dict]:
@@ -152,7 +159,7 @@ def check_backends(device: str | None) -> list[dict]:
         "offload_all": base.replace(offload_encoders=True, offload_kv_cache=True, offload_weights=True),
         "fp8": base.replace(fp8=True),
         "fp8_offload_weights": base.replace(fp8=True, offload_weights=True),
-        "compile": base.replace(compile=True),  # last: compiling is one-way for the loaded engine
+        "compile": base.replace(compile=True),
     }
     results, reference = [], None
     for name, config in variants.items():
@@ -178,21 +185,24 @@ def markdown(rows: list[Row], device: str, checks: list[dict] | None) -> str:
         f"LiveAvatar engine, random weights, {device}; steady state over {rows[0].clips if rows else 0} clips of 48 frames "
         "(audio features, DiT and VAE decode included; each also shown alone).",
         "",
-        "| area | precision | s / clip | FPS | DiT s / clip | VAE s / clip | audio s / clip | cold 1st clip s "
-        "| continue overhead s | peak GiB | estimate GiB | estimate error | handoff MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| area | precision | chains | s / clip | FPS | DiT s / clip | VAE s / clip | audio s / clip "
+        "| cold 1st clip s | continue overhead s | peak GiB | estimate GiB | estimate error | handoff MiB "
+        "| max diff vs eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.status != "ok":
             lines.append(
-                f"| {r.size} | {r.precision} | {r.status} |  |  |  |  |  |  |  | {r.estimate_gib:.1f} |  |  |"
+                f"| {r.size} | {r.precision} | {r.chains} | {r.status} |  |  |  |  |  |  |  "
+                f"| {r.estimate_gib:.1f} |  |  |  |"
             )
             continue
         lines.append(
-            f"| {r.size} | {r.precision} | {r.seconds_per_clip:.2f} | {r.fps:.1f} | {r.dit_seconds_per_clip:.2f} "
+            f"| {r.size} | {r.precision} | {r.chains} | {r.seconds_per_clip:.2f} | {r.fps:.1f} | {r.dit_seconds_per_clip:.2f} "
             f"| {r.vae_seconds_per_clip:.2f} | {r.audio_seconds_per_clip:.3f} | {r.cold_first_clip_seconds:.1f} "
             f"| {r.continue_overhead_seconds:.2f} | {r.peak_gib:.1f} | {r.estimate_gib:.1f} "
-            f"| {100 * r.estimate_error:+.1f}% | {r.handoff_mib:.1f} |"
+            f"| {100 * r.estimate_error:+.1f}% | {r.handoff_mib:.1f} "
+            f"| {'' if r.max_diff_vs_eager is None else r.max_diff_vs_eager} |"
         )
     if checks:
         lines += ["", "Backends against the plain run (tiny model, 2 segments through a handoff):", ""]
@@ -216,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="bf16,fp8", help="comma-separated: bf16 (model dtype), fp8")
     parser.add_argument("--clips", type=int, default=4, help="48-frame clips in the timed segment")
     parser.add_argument("--resident-encoders", action="store_true", help="keep umT5 and wav2vec2 on the GPU")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the DiT blocks")
+    parser.add_argument(
+        "--chains",
+        default="eager,compiled",
+        help="comma-separated: eager, compiled (torch.compile of the chains)",
+    )
     parser.add_argument("--check-backends", action="store_true", help="compare every backend on a tiny model")
     parser.add_argument("--check-backends-only", action="store_true", help="only the backend comparison")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
@@ -239,16 +253,22 @@ def main(argv: list[str] | None = None) -> int:
     for precision in [p.strip() for p in args.precisions.split(",")]:  # bf16 before fp8: fp8 is one-way
         for size in [s.strip() for s in args.sizes.split(",")]:
             height, width = (int(v) for v in size.lower().split("x"))
-            config = GenerationConfig(
-                height=height,
-                width=width,
-                fp8=precision == "fp8",
-                offload_encoders=not args.resident_encoders,
-                compile=args.compile,
-            )
-            row = bench(engine, config, args.clips)
-            rows.append(row)
-            print(json.dumps(asdict(row)), flush=True)
+            eager_frame = None
+            for chains in [c.strip() for c in args.chains.split(",")]:
+                config = GenerationConfig(
+                    height=height,
+                    width=width,
+                    fp8=precision == "fp8",
+                    offload_encoders=not args.resident_encoders,
+                    compile=chains == "compiled",
+                )
+                row, frame = bench(engine, config, args.clips)
+                if chains == "eager":
+                    eager_frame = frame
+                elif frame is not None and eager_frame is not None:
+                    row.max_diff_vs_eager = int(np.abs(frame.astype(np.int16) - eager_frame).max())
+                rows.append(row)
+                print(json.dumps(asdict(row)), flush=True)
     engine.close()
     checks = check_backends(args.device) if args.check_backends else None
     report = {
@@ -257,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         "weights": "random (tiny)" if args.tiny else "random (full size)",
         "load_seconds": round(load_seconds, 2),
         "offload_encoders": not args.resident_encoders,
-        "compile": args.compile,
+        "chains": args.chains,
         "rows": [asdict(r) for r in rows],
         "backend_checks": checks,
     }

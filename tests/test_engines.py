@@ -162,7 +162,9 @@ def test_ladder_takes_the_first_rung_that_fits_and_records_every_attempt():
 
 def test_ladder_exhausted_names_budget_and_smallest_estimate():
     engine = PreviewEngine()
-    with pytest.raises(LadderExhausted, match=r"budget of 10 B; the smallest estimate is \d+\.\d\d [KM]iB") as info:
+    with pytest.raises(
+        LadderExhausted, match=r"budget of 10 B; the smallest estimate is \d+\.\d\d [KM]iB"
+    ) as info:
         generate_with_ladder(engine, request(speech_like(1.0), budget=10), ListSink)
     assert len(info.value.attempts) == len(engine.ladder(SMALL))
 

@@ -71,7 +71,10 @@ def test_normalisation_constants_are_diffusers_defaults():
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda sd: sd.pop("decoder.head.2.bias"), r"decoder.conv_out.bias\]: 1 AutoencoderKLWan tensors missing"),
+        (
+            lambda sd: sd.pop("decoder.head.2.bias"),
+            r"decoder.conv_out.bias\]: 1 AutoencoderKLWan tensors missing",
+        ),
         (lambda sd: sd.__setitem__("decoder.upsamples.99.residual.0.gamma", torch.ones(1)), "upsamples.99"),
         (
             lambda sd: sd.__setitem__("encoder.conv1.bias", torch.ones(3)),

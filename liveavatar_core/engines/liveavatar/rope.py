@@ -110,6 +110,8 @@ def apply_rope(x: torch.Tensor, table: RopeTable, dtype: torch.dtype = torch.flo
     x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # [B, N, H, D/2] views in x's dtype
     cos = table.cos[None, :, None, :]
     sin = table.sin[None, :, None, :]
+    if torch.compiler.is_compiling():  # dynamo takes no strided out=; inductor fuses this instead
+        return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).to(dtype)
     out = torch.empty((*x.shape[:-1], x.shape[-1] // 2, 2), dtype=dtype, device=x.device)
     torch.sub(x0 * cos, x1 * sin, out=out[..., 0])
     torch.add(x0 * sin, x1 * cos, out=out[..., 1])
