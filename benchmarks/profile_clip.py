@@ -1,6 +1,6 @@
 """Where one 48-frame clip's GPU time goes: torch.profiler over a warm clip, top kernels and ops.
 
-PYTHONPATH=. python benchmarks/profile_clip.py OUT [--size 704x384] [--fp8]
+PYTHONPATH=. python benchmarks/profile_clip.py OUT [--size 704x384] [--fp8] [--compile]
 """
 
 from __future__ import annotations
@@ -22,18 +22,20 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--size", default="704x384")
     parser.add_argument("--fp8", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="compiled element-wise chains")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     h, w = (int(v) for v in args.size.split("x"))
     engine = LiveAvatarEngine(random_weights=True, device="cuda")
-    config = GenerationConfig(height=h, width=w, fp8=args.fp8, offload_encoders=True)
+    config = GenerationConfig(height=h, width=w, fp8=args.fp8, offload_encoders=True, compile=args.compile)
     engine.generate(request(config, 48, seed=0), CountingSink())  # warm: prompt, portrait, first calls
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         engine.generate(request(config, 48, seed=1), CountingSink())
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=35, max_name_column_width=70)
-    (args.out / f"profile_{args.size}{'_fp8' if args.fp8 else ''}.txt").write_text(table)
+    name = f"profile_{args.size}{'_fp8' if args.fp8 else ''}{'_compiled' if args.compile else ''}.txt"
+    (args.out / name).write_text(table)
     print(table)
 
 

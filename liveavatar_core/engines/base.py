@@ -38,6 +38,7 @@ class GenerationConfig:
     Quality knobs: height, width (the generated area; output size is fixed per lecture), steps.
     Speed/memory knobs (same pictures, slower or smaller): the offload flags and decode_chunk.
     fp8 changes numerics slightly (per-tensor scaled linears) and sits between the two groups.
+    compile: run with compiled kernels (rounding-level differences); None lets the engine choose.
     """
 
     height: int = 704
@@ -47,7 +48,7 @@ class GenerationConfig:
     offload_encoders: bool = False
     offload_kv_cache: bool = False
     offload_weights: bool = False
-    compile: bool = False
+    compile: bool | None = None
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return dataclasses.replace(self, **changes)

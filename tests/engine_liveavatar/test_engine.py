@@ -117,6 +117,20 @@ def test_segment_writes_every_frame_and_is_deterministic_for_a_seed(engine):
     assert Handoff.from_bytes(result.handoff).next_frame == 9  # latent frames generated
 
 
+def test_compiled_chains_are_the_engines_choice_unless_the_config_says(engine):
+    """compile=None: eager on a CPU (compiled on CUDA); compile=True compiles, and back is exact."""
+    audio = speech(12)
+    eager, result = run(engine, request(audio))
+    compiled, with_compile = run(engine, request(audio, config=SIZE.replace(compile=True)))
+    again, back = run(engine, request(audio))
+    assert (result.details["chains"], with_compile.details["chains"], back.details["chains"]) == (
+        "eager", "compiled", "eager",
+    )  # fmt: skip
+    assert all(np.array_equal(a, b) for a, b in zip(eager, again, strict=True))
+    diff = max(np.abs(a.astype(int) - b).max() for a, b in zip(eager, compiled, strict=True))
+    assert diff <= 8, diff  # rounding-level differences only (float32 model: usually none)
+
+
 def test_two_segments_with_the_handoff_equal_one_segment(engine, local_features):
     audio = speech(96, seed=3)
     whole, _ = run(engine, request(audio))

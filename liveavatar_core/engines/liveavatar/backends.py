@@ -10,7 +10,7 @@ the device cannot run it.
   computed and the next one, copied on a side stream while the current block runs.
 * KV offload: the four step rings live in pinned host memory; each layer's context is copied to the GPU
   on a side stream one layer ahead of the compute, and the block's new keys/values go back.
-* compile: `torch.compile` of every block's forward.
+* compile: the blocks' element-wise chains through `torch.compile` (`chains.py`).
 """
 
 from __future__ import annotations
@@ -394,13 +394,18 @@ class HostRing:
 # ---------------------------------------------------------------------------------------------------
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Run the model's element-wise chains compiled (`chains.py`). Raises BackendUnavailable where
-    dynamo cannot run."""
+def compile_problem() -> str | None:
+    """Why torch.compile cannot run here (None when it can)."""
     import torch._dynamo
 
     if not torch._dynamo.is_dynamo_supported():
-        raise BackendUnavailable("compile", "torch.compile is not supported by this Python/torch build")
+        return "torch.compile is not supported by this Python/torch build"
+    return None
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Run the model's element-wise chains compiled (`chains.py`)."""
+    require("compile", compile_problem())
     use_chains(model, compiled_chains())
 
 
@@ -416,6 +421,7 @@ __all__ = [
     "Fp8Linear",
     "HostRing",
     "apply_compile",
+    "compile_problem",
     "apply_fp8",
     "remove_compile",
     "fp8_linear_names",
