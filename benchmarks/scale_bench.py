@@ -49,6 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_EFFICIENCY = 0.95
 HOST_ID = "bench"
+SLOT_WAIT_ENV = "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS"
 
 
 @dataclass
@@ -336,6 +337,7 @@ def _cut_audio(audio: str, seconds: float, out: Path) -> str:
 def _base_env(args: argparse.Namespace, out: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env.setdefault(SLOT_WAIT_ENV, "2")  # as in infra/docker-compose.yml; docs/scale-out.md says why
     env["PYTHONUNBUFFERED"] = "1"
     env["LIVEAVATAR_HOST_ID"] = HOST_ID
     if args.api_url:

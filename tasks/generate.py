@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -53,9 +54,14 @@ def generate_segment(job: SegmentJob) -> SegmentOutput:
             run_id = str(run.task_run.id) if run else "unknown"
             # The heartbeat starts before the slot is taken: waiting for the GPU is being alive too.
             stack.enter_context(Heartbeat(heartbeat_url(job.work, run_id), slot=slot, segment=job.key))
+            asked = time.monotonic()
             stack.enter_context(concurrency(slot, occupy=1, strict=True, lease_duration=SLOT_LEASE_S))
+            waited = time.monotonic() - asked
             checkpoint_dir = os.environ.get("LIVEAVATAR_CHECKPOINT_DIR") or checkpoint_dir
-            get_run_logger().info("segment %d: generating on %s (key %s)", job.index, slot, job.key[:12])
+            get_run_logger().info(
+                "segment %d: generating on %s (key %s)%s", job.index, slot, job.key[:12],
+                f", after waiting {waited:.1f} s for the slot" if waited >= 1 else "",
+            )  # fmt: skip
         return _generate(job, checkpoint_dir)
 
 
