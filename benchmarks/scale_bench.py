@@ -18,8 +18,8 @@ storage). Engine load time is not measured: workers load the engine before they 
         --simulate-gpu 0.02 --out /tmp/scale
 
 Prints a markdown table and writes `results.json` and `results.md` to --out (plus every process's log).
-By default it starts its own `prefect server` (SQLite in a temporary PREFECT_HOME, loopback, a free
-port) and uses a local work store under --out; --api-url uses a running server instead, --work an
+By default it starts its own `prefect server` (SQLite in a temporary PREFECT_HOME unless --database-url
+names a PostgreSQL database, loopback, a free port) and uses a local work store under --out; --api-url uses a running server instead, --work an
 s3:// work store (then the AWS_* environment must reach it).
 
 Dependencies: only the project's own (prefect, the liveavatar_core stack). On a machine without them
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     env = _base_env(args, out)
     if args.audio_seconds:
         args.audio = _cut_audio(args.audio, args.audio_seconds, out)
-    server = None if args.api_url else _start_server(out, env)
+    server = None if args.api_url else _start_server(out, env, args.database_url)
     runs: list[Run] = []
     try:
         if args.warmup:  # compiled kernels and page cache warm before the first measured count
@@ -126,6 +126,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-parallel", type=int, help="lectures in flight (default 2 x GPUs + 1: enough to keep "
                    "every GPU fed while finished lectures assemble and new ones prepare)")  # fmt: skip
     p.add_argument("--api-url", help="use this Prefect server instead of starting one")
+    p.add_argument(
+        "--database-url",
+        help="the started server's database, e.g. postgresql+asyncpg://user@host/db "
+        "(default: SQLite, whose slot releases can lag; docs/benchmarks.md)",
+    )
     p.add_argument("--work", help="work store root (default: under --out); a fresh folder per GPU count")
     p.add_argument("--out", default="out/scale-bench", help="results and logs")
     p.add_argument(
@@ -350,10 +355,12 @@ def _base_env(args: argparse.Namespace, out: Path) -> dict[str, str]:
     return env
 
 
-def _start_server(out: Path, env: dict[str, str]) -> subprocess.Popen:
+def _start_server(out: Path, env: dict[str, str], database_url: str | None) -> subprocess.Popen:
     url = env["PREFECT_API_URL"]
     port = url.rsplit(":", 1)[1].split("/")[0]
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    if database_url:
+        server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     command = [*_cli("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port]
     proc = _spawn(command, out / "server.log", server_env)
     deadline = time.monotonic() + 180
