@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ...errors import LiveAvatarError
-from .chains import EAGER, FP8, FP8_MAX, compiled_chains, use_chains
+from .chains import EAGER, FP8, FP8_MAX, Chains, compiled_chains, use_chains
 from .kv_cache import RingKVCache
 
 # Linear layers inside the blocks that fp8 converts, by their last name parts (all 40 blocks).
@@ -133,7 +133,7 @@ class _LastQuantised:
     result: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
-def _quantise_activation(x: torch.Tensor, features: int, chains) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantise_activation(x: torch.Tensor, features: int, chains: Chains) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., features] -> (e4m3 [tokens, features], float32 per-tensor scale)."""
     last = _LastQuantised
     if last.source is not None and last.source() is x and last.version == x._version:
