@@ -55,6 +55,10 @@ def _add_produce(commands) -> None:
     p.add_argument("--title", help="lecture title for the report (default: the audio file's name)")
     p.add_argument("--engine", default="auto", choices=["auto", "preview", "liveavatar"])
     p.add_argument("--size", default="704x384", metavar="HxW", help="output height x width (default 704x384)")
+    p.add_argument(
+        "--precision", default="bf16", choices=["bf16", "fp8"],
+        help="fp8: LiveAvatar's linears in e4m3, about 1.3x faster on fp8 GPUs (H100, L40S), slightly different pictures",
+    )  # fmt: skip
     p.add_argument("--memory-budget-gb", type=float, metavar="N", help="per-segment memory budget in GiB")
     p.add_argument(
         "--segment-seconds", type=float, default=30.0, metavar="T", help="target segment length (30)"
@@ -86,6 +90,7 @@ def _run_produce(args: argparse.Namespace) -> int:
             out=args.out,
             engine=args.engine,
             size=args.size,
+            precision=args.precision,
             segment_seconds=args.segment_seconds,
             max_segment_seconds=args.max_segment_seconds,
             seed=args.seed,

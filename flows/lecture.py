@@ -64,6 +64,11 @@ class LectureParams(BaseModel):
     size: str = Field(
         "704x384", description="Output HEIGHTxWIDTH in pixels (multiples of 16; 64 for liveavatar)"
     )
+    precision: Literal["bf16", "fp8"] = Field(
+        "bf16",
+        description="fp8: LiveAvatar's block linears in e4m3 (about 1.3x faster on fp8 GPUs such as "
+        "H100, L40S; slightly different pictures). Other engines ignore it",
+    )
     segment_seconds: float = Field(
         30.0, gt=2, description="Target segment length; cuts fall in pauses near it"
     )
@@ -143,7 +148,7 @@ def produce_lecture(params: LectureParams) -> dict[str, str]:
         text = prepare_prompt(params.prompt, engine)
 
     with stage("generate"):
-        config = GenerationConfig(height=params.height, width=params.width)
+        config = GenerationConfig(height=params.height, width=params.width, fp8=params.precision == "fp8")
         outputs, records = generate_segments(plan, face, text, engine, config, params, work)
 
     inputs = Inputs(
@@ -206,6 +211,7 @@ def lecture_settings(params: LectureParams) -> Settings:
     return Settings(
         engine=params.engine,
         size=params.size,
+        precision=params.precision,
         segment_seconds=params.segment_seconds,
         max_segment_seconds=params.max_segment_seconds,
         seed=params.seed,

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from .errors import InputError
 
 Engine = Literal["auto", "preview", "liveavatar"]
-ProfileName = Literal["draft", "standard", "spot"]
+ProfileName = Literal["draft", "standard", "fast", "spot"]
 # Lowercase only, so ids cannot collide on case-insensitive disks; no dots, so an id is never
 # "..", never looks like a file ("summary.json") and needs no escaping in a URL or an S3 key.
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -44,6 +44,7 @@ class Profile(BaseModel):
 
     description: str
     size: str  # HEIGHTxWIDTH of the generated video
+    precision: Literal["bf16", "fp8"] = "bf16"  # fp8: LiveAvatar's linears in e4m3 (fp8 GPUs only)
     segment_seconds: float  # target segment length; cuts fall in pauses near it
     max_segment_seconds: float  # no segment is longer
 
@@ -58,6 +59,14 @@ PROFILES: dict[str, Profile] = {
     "standard": Profile(
         description="The model's own size (704x384); the default",
         size="704x384",
+        segment_seconds=30.0,
+        max_segment_seconds=40.0,
+    ),
+    "fast": Profile(
+        description="Standard size with fp8 linears: about 1.3x faster on fp8 GPUs (H100, L40S), "
+        "slightly different pictures",
+        size="704x384",
+        precision="fp8",
         segment_seconds=30.0,
         max_segment_seconds=40.0,
     ),
@@ -112,6 +121,7 @@ class LectureSpec(BaseModel):
     engine: Engine
     profile: ProfileName
     size: str
+    precision: Literal["bf16", "fp8"]
     segment_seconds: float
     max_segment_seconds: float
     seed: int
@@ -126,6 +136,7 @@ class LectureSpec(BaseModel):
             "out": self.out,
             "engine": self.engine,
             "size": self.size,
+            "precision": self.precision,
             "segment_seconds": self.segment_seconds,
             "max_segment_seconds": self.max_segment_seconds,
             "seed": self.seed,
@@ -171,6 +182,7 @@ class Course(_Strict):
             engine=lecture.engine or d.engine,
             profile=profile,
             size=settings.size,
+            precision=settings.precision,
             segment_seconds=settings.segment_seconds,
             max_segment_seconds=settings.max_segment_seconds,
             seed=d.seed if lecture.seed is None else lecture.seed,

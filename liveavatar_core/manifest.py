@@ -52,6 +52,7 @@ class Settings(_Model):
 
     engine: str  # as requested: auto, preview, liveavatar
     size: str
+    precision: str = "bf16"  # bf16, or fp8 linears (LiveAvatar; slightly different pictures, faster)
     segment_seconds: float
     max_segment_seconds: float
     seed: int

@@ -54,7 +54,7 @@ def test_bad_manifest_fails_in_one_line_naming_file_line_and_field(prefect_api, 
     assert course(path, tmp_path / "work") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {path}:7 defaults.profile:"), err
-    assert "'draft', 'standard' or 'spot'" in err[0]
+    assert "'draft', 'standard', 'fast' or 'spot'" in err[0]
 
 
 def test_failing_lecture_does_not_stop_the_others_and_a_rerun_skips_what_is_published(

@@ -61,6 +61,7 @@ def test_defaults_apply_and_lectures_override_them(tmp_path: Path) -> None:
         engine="preview",
         profile="standard",
         size=PROFILES["standard"].size,
+        precision="bf16",
         segment_seconds=PROFILES["standard"].segment_seconds,
         max_segment_seconds=PROFILES["standard"].max_segment_seconds,
         seed=3,
@@ -73,6 +74,7 @@ def test_defaults_apply_and_lectures_override_them(tmp_path: Path) -> None:
     )
     assert (second.engine, second.profile, second.size, second.seed) == ("liveavatar", "draft", "384x256", 9)
     assert second.out == "s3://videos/cs101/02-regression"
+    assert second.job_fields()["precision"] == "bf16"
     assert course.summary_url == "s3://videos/cs101/summary.json"
 
 
@@ -121,7 +123,12 @@ def test_a_relative_path_may_not_climb_out_of_the_bucket() -> None:
         (("id: 01-welcome", "id: summary.json"), 11, "lectures[0].id", "is not an id"),
         (("id: 01-welcome", "id: 01"), 11, "lectures[0].id", "put it in quotes"),
         (("id: cs101", "id: cs 101"), 1, "id", "is not an id"),
-        (("profile: draft", "profile: hd"), 19, "lectures[1].profile", "'draft', 'standard' or 'spot'"),
+        (
+            ("profile: draft", "profile: hd"),
+            19,
+            "lectures[1].profile",
+            "'draft', 'standard', 'fast' or 'spot'",
+        ),
         (
             ("engine: liveavatar", "engine: gpu"),
             18,
@@ -216,3 +223,10 @@ def test_check_local_files_names_the_missing_input(tmp_path: Path) -> None:
 def test_an_unreadable_manifest_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="cannot read the course manifest"):
         load_course(tmp_path / "nope.yaml")
+
+
+def test_the_fast_profile_asks_for_fp8_at_standard_size() -> None:
+    course = parse_course(GOOD.replace("profile: draft", "profile: fast"), source="/c/course.yaml")
+    fast = course.lectures_resolved()[1]
+    assert (fast.profile, fast.size, fast.precision) == ("fast", "704x384", "fp8")
+    assert fast.job_fields()["precision"] == "fp8"

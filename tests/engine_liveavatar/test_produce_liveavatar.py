@@ -34,3 +34,18 @@ def test_a_lecture_is_published_segment_after_segment_through_the_handoff(
     info = media.probe(out / "video.mp4")
     assert (info.video.width, info.video.height) == (64, 128)
     assert info.video.frames == sum(s["frames"] for s in segments)
+
+
+def test_precision_fp8_reaches_the_engine_and_the_manifest(
+    prefect_api, tmp_path, liveavatar_checkpoint, make_lecture
+):
+    out = tmp_path / "out"
+    argv = ["produce", "--audio", str(make_lecture(2.0)), "--image", str(ROOT / "examples" / "portrait.jpg")]
+    argv += ["--prompt", "A lecturer speaks to the camera.", "--out", str(out), "--work", str(tmp_path / "w")]
+    argv += ["--engine", "liveavatar", "--checkpoint-dir", str(liveavatar_checkpoint), "--size", "128x64"]
+    argv += ["--precision", "fp8"]
+    assert main(argv) == 0
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["precision"] == "fp8" and manifest["qc"]["passed"]
+    assert all(a["config"]["fp8"] for s in manifest["segments"] for a in s["attempts"])
