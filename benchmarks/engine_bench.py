@@ -160,6 +160,7 @@ def check_backends(device: str | None) -> list[dict]:
         "fp8": base.replace(fp8=True),
         "fp8_offload_weights": base.replace(fp8=True, offload_weights=True),
         "compile": base.replace(compile=True),
+        "compile_offload_weights": base.replace(compile=True, offload_weights=True),
     }
     results, reference = [], None
     for name, config in variants.items():
