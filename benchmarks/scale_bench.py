@@ -18,9 +18,9 @@ storage). Engine load time is not measured: workers load the engine before they 
         --simulate-gpu 0.02 --out /tmp/scale
 
 Prints a markdown table and writes `results.json` and `results.md` to --out (plus every process's log).
-By default it starts its own `prefect server` (SQLite in a temporary PREFECT_HOME unless --database-url
-names a PostgreSQL database, loopback, a free port) and uses a local work store under --out; --api-url uses a running server instead, --work an
-s3:// work store (then the AWS_* environment must reach it).
+By default it starts its own `prefect server` (loopback, a free port; SQLite in a temporary PREFECT_HOME,
+or the PostgreSQL database --database-url names) and uses a local work store under --out; --api-url uses
+a running server instead, --work an s3:// work store (then the AWS_* environment must reach it).
 
 Dependencies: only the project's own (prefect, the liveavatar_core stack). On a machine without them
 (the GPU benchmark hosts have torch, transformers, accelerate, peft, safetensors), install the project
@@ -49,7 +49,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_EFFICIENCY = 0.95
 HOST_ID = "bench"
-SLOT_WAIT_ENV = "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS"
 
 
 @dataclass
@@ -342,7 +341,6 @@ def _cut_audio(audio: str, seconds: float, out: Path) -> str:
 def _base_env(args: argparse.Namespace, out: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    env.setdefault(SLOT_WAIT_ENV, "2")  # as in infra/docker-compose.yml; docs/scale-out.md says why
     env["PYTHONUNBUFFERED"] = "1"
     env["LIVEAVATAR_HOST_ID"] = HOST_ID
     if args.api_url:
@@ -359,6 +357,9 @@ def _start_server(out: Path, env: dict[str, str], database_url: str | None) -> s
     url = env["PREFECT_API_URL"]
     port = url.rsplit(":", 1)[1].split("/")[0]
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    from flows.worker import SLOT_RETRY_SERVER_ENV
+
+    server_env.update({k: os.environ.get(k, v) for k, v in SLOT_RETRY_SERVER_ENV.items()})
     if database_url:
         server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
     command = [*_cli("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port]

@@ -16,8 +16,11 @@ import argparse
 import logging
 import os
 import sys
+from typing import get_args
 
 from pydantic import ValidationError
+
+from liveavatar_core.course import Precision
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -56,7 +59,7 @@ def _add_produce(commands) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "preview", "liveavatar"])
     p.add_argument("--size", default="704x384", metavar="HxW", help="output height x width (default 704x384)")
     p.add_argument(
-        "--precision", default="bf16", choices=["bf16", "fp8"],
+        "--precision", default="bf16", choices=get_args(Precision),
         help="fp8: LiveAvatar's linears in e4m3, about 1.3x faster on fp8 GPUs (H100, L40S), slightly different pictures",
     )  # fmt: skip
     p.add_argument("--memory-budget-gb", type=float, metavar="N", help="per-segment memory budget in GiB")

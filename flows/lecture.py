@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from flows.dispatch import run_on_gpu_workers
 from liveavatar_core import storage
+from liveavatar_core.course import Precision
 from liveavatar_core.engines import GenerationConfig, registry
 from liveavatar_core.errors import QCFailed
 from liveavatar_core.keys import segment_key
@@ -64,7 +65,7 @@ class LectureParams(BaseModel):
     size: str = Field(
         "704x384", description="Output HEIGHTxWIDTH in pixels (multiples of 16; 64 for liveavatar)"
     )
-    precision: Literal["bf16", "fp8"] = Field(
+    precision: Precision = Field(
         "bf16",
         description="fp8: LiveAvatar's block linears in e4m3 (about 1.3x faster on fp8 GPUs such as "
         "H100, L40S; slightly different pictures). Other engines ignore it",

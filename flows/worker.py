@@ -44,6 +44,12 @@ class WorkerOptions:
     cpu_threads: int | None = None  # None: cpu_share()
 
 
+# A Prefect server setting for the GPU limits: only its own worker takes a GPU's slot, so a refused take
+# is a release the server does not show yet (seen on SQLite); retry within 2 s, not after the slot's
+# average hold time (a segment, up to 30 s). infra/docker-compose.yml sets the same on its server.
+SLOT_RETRY_SERVER_ENV = {"PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}
+
+
 def host_id(explicit: str | None = None) -> str:
     """This host's name in concurrency limits: $LIVEAVATAR_HOST_ID or the hostname, as [a-z0-9-]."""
     raw = explicit or os.environ.get(HOST_ENV) or socket.gethostname()

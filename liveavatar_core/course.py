@@ -28,6 +28,8 @@ from .errors import InputError
 
 Engine = Literal["auto", "preview", "liveavatar"]
 ProfileName = Literal["draft", "standard", "fast", "spot"]
+# fp8: LiveAvatar's block linears in e4m3 (fp8 GPUs only; faster, slightly different pictures).
+Precision = Literal["bf16", "fp8"]
 # Lowercase only, so ids cannot collide on case-insensitive disks; no dots, so an id is never
 # "..", never looks like a file ("summary.json") and needs no escaping in a URL or an S3 key.
 ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -44,7 +46,7 @@ class Profile(BaseModel):
 
     description: str
     size: str  # HEIGHTxWIDTH of the generated video
-    precision: Literal["bf16", "fp8"] = "bf16"  # fp8: LiveAvatar's linears in e4m3 (fp8 GPUs only)
+    precision: Precision = "bf16"
     segment_seconds: float  # target segment length; cuts fall in pauses near it
     max_segment_seconds: float  # no segment is longer
 
@@ -121,7 +123,7 @@ class LectureSpec(BaseModel):
     engine: Engine
     profile: ProfileName
     size: str
-    precision: Literal["bf16", "fp8"]
+    precision: Precision
     segment_seconds: float
     max_segment_seconds: float
     seed: int
