@@ -9,7 +9,8 @@ published lecture-minutes per hour of that wall time; efficiency(G) = throughput
 throughput(1)); the target is >= 0.95. The course grows with G (weak scaling) so that its fixed start
 and tail (the first lecture's preparation, the last one's assembly and QC) weigh the same at every
 count, as they do in a long production; what is left to lower efficiency is contention (server, CPU,
-storage). Engine load time is not measured: workers load the engine before they start serving.
+storage). Engine load and warm-up are not measured: workers load the engine and warm it up at the
+standard profile (compiling its kernels) before they start serving, as long-lived workers do.
 
     # GPU machine, LiveAvatar with random full-size weights, 4 GPUs:
     python benchmarks/scale_bench.py --gpus 1,2,4 --engine liveavatar --random-weights --out out/scale
@@ -86,8 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     server = None if args.api_url else _start_server(out, env, args.database_url)
     runs: list[Run] = []
     try:
-        if args.warmup:  # compiled kernels and page cache warm before the first measured count
-            print(f"[warm-up] {_run_count(args, env, out, 1, 1).wall_s:.1f} s, not reported", file=sys.stderr)
         for gpus in counts:  # results are rewritten after each count: a cut-off run keeps what it measured
             runs.append(_run_count(args, env, out, gpus, args.lectures_per_gpu * gpus))
             _score(runs)
@@ -132,12 +131,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--work", help="work store root (default: under --out); a fresh folder per GPU count")
     p.add_argument("--out", default="out/scale-bench", help="results and logs")
-    p.add_argument(
-        "--warmup",
-        action="store_true",
-        help="first run (and discard) one lecture on one GPU: "
-        "the workers' compiled kernels come from the on-disk cache at every measured count",
-    )
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds allowed per GPU count")
     ns = p.parse_args(argv)
     ns.command = "bench"

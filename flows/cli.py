@@ -20,7 +20,7 @@ from typing import get_args
 
 from pydantic import ValidationError
 
-from liveavatar_core.course import Precision
+from liveavatar_core.course import PROFILES, Precision
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -263,6 +263,13 @@ def _add_worker(commands) -> None:
         metavar="N",
         help="CPU threads for torch, OpenCV and the encoder (default: this host's cores / its GPUs)",
     )
+    p.add_argument(
+        "--warmup",
+        default="standard",
+        choices=[*PROFILES, "none"],
+        help="before serving, run two short throwaway segments at this course profile's size and "
+        "precision, so the first lecture's first segment does not pay for compiling (default standard)",
+    )
     p.set_defaults(run=_run_worker)
 
 
@@ -292,6 +299,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         work=args.work,
         host=args.host_id,
         cpu_threads=args.cpu_threads,
+        warmup=None if args.warmup == "none" else args.warmup,
     )
     try:
         serve_gpu(options)

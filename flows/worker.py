@@ -8,7 +8,9 @@ segments with `.delay()` and whichever GPU worker is free takes the next one. Th
   sets $LIVEAVATAR_GPU_SLOT, which makes `generate_segment` hold it around every generation;
 * takes its share of the host's CPUs (cores / GPUs, `--cpu-threads` to choose) for torch, OpenCV and
   the video encoder, so that co-located workers do not each run thread pools the size of the host;
-* loads the engine once, at start, and keeps it for every segment it serves;
+* loads the engine once, at start, and keeps it for every segment it serves; before it takes work it
+  warms the engine up at a course profile's settings (`--warmup`, default standard), so that its first
+  segment does not pay for compiling kernels and the encoders' first calls;
 * runs one segment at a time and takes the next one only when it is free (`one_at_a_time_task_worker`);
 * survives a failing segment: that task run fails, the worker takes the next one.
 
@@ -42,6 +44,7 @@ class WorkerOptions:
     work: str | None = None
     host: str | None = None
     cpu_threads: int | None = None  # None: cpu_share()
+    warmup: str | None = "standard"  # a course profile to warm the engine up at; None: no warm-up
 
 
 # A Prefect server setting for the GPU limits: only its own worker takes a GPU's slot, so a refused take
@@ -145,12 +148,15 @@ def serve_gpu(options: WorkerOptions) -> None:
     checkpoints = options.checkpoint_dir or os.environ.get("LIVEAVATAR_CHECKPOINT_DIR")
     name, reason = registry.resolve(options.engine, checkpoints, options.random_weights)
     preview = name == "preview"
-    registry.load(
+    engine = registry.load(
         registry.EngineSpec(
             name, None if preview else checkpoints, options.random_weights and not preview, None
         )
     )
-    log.info("engine %s loaded (%s); serving generate-segment from %s", name, reason, work)
+    log.info("engine %s loaded (%s)", name, reason)
+    if options.warmup:
+        _warm_up(engine, options.warmup)
+    log.info("serving generate-segment from %s", work)
 
     task = generate_segment.with_options(result_storage=result_storage(work))
     try:
@@ -159,6 +165,21 @@ def serve_gpu(options: WorkerOptions) -> None:
         if not _expected_stop(exc):
             raise
     log.info("GPU %d: worker stopped", options.gpu)
+
+
+def _warm_up(engine, profile_name: str) -> None:
+    from liveavatar_core.course import PROFILES
+    from liveavatar_core.engines import GenerationConfig
+    from liveavatar_core.engines.warmup import warm_up
+
+    profile = PROFILES[profile_name]
+    height, width = (int(v) for v in profile.size.split("x"))
+    config = GenerationConfig(height=height, width=width, fp8=profile.precision == "fp8")
+    done = warm_up(engine, config)
+    log.info(
+        "warmed up at %s %s (profile %s) in %.1f s, rung %s",
+        profile.size, profile.precision, profile_name, done.seconds, done.rung,
+    )  # fmt: skip
 
 
 def _limit_threads(threads: int) -> None:

@@ -65,7 +65,10 @@ def test_course_publishes_every_lecture_and_the_summary_to_s3(prefect_line, firs
     _, result, _ = first_run
     assert result.returncode == 0, result.stderr[-3000:] + line.cpu_worker_log()[-3000:]
     for gpu, proc in line.gpu_workers.items():
-        assert f"GPU {gpu}: 2 CPU threads" in proc.log_path.read_text()
+        log = proc.log_path.read_text()
+        assert f"GPU {gpu}: 2 CPU threads" in log
+        # warmed up before serving: the warm-up line comes before the subscription
+        assert log.index("warmed up at 704x384 bf16 (profile standard)") < log.index("Subscribing to runs")
     for lecture in LECTURES:
         keys = line.objects(f"published/course-a/{lecture}/")
         names = sorted(k.rsplit("/", 1)[1] for k in keys)

@@ -14,6 +14,7 @@ import torch
 from liveavatar_core.engines import registry
 from liveavatar_core.engines.base import GenerationConfig, SegmentRequest
 from liveavatar_core.engines.ladder import generate_with_ladder
+from liveavatar_core.engines.warmup import warm_up
 from liveavatar_core.engines.liveavatar import LiveAvatarEngine
 from liveavatar_core.engines.liveavatar.backends import Fp8Linear, apply_fp8
 from liveavatar_core.engines.liveavatar.checkpoint import random_init
@@ -129,6 +130,26 @@ def test_compiled_chains_are_the_engines_choice_unless_the_config_says(engine):
     assert all(np.array_equal(a, b) for a, b in zip(eager, again, strict=True))
     diff = max(np.abs(a.astype(int) - b).max() for a, b in zip(eager, compiled, strict=True))
     assert diff <= 8, diff  # rounding-level differences only (float32 model: usually none)
+
+
+def test_warm_up_runs_a_fresh_and_a_continued_segment_and_changes_no_later_output(engine, monkeypatch):
+    audio = speech(24, seed=5)
+    before, _ = run(engine, request(audio))
+    seen = []
+    generate = engine.generate
+
+    def spy(req, sink):
+        result = generate(req, sink)
+        seen.append((req.config, req.num_frames, result.details["handoff_in"]))
+        return result
+
+    monkeypatch.setattr(engine, "generate", spy)
+    done = warm_up(engine, SIZE, frames=13)
+    monkeypatch.undo()
+    after, _ = run(engine, request(audio))
+    assert [(c.size, n, h) for c, n, h in seen] == [("64x64", 13, "none"), ("64x64", 13, "continued")]
+    assert done.rung == engine.ladder(SIZE)[0].name and done.seconds > 0
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def test_two_segments_with_the_handoff_equal_one_segment(engine, local_features):
