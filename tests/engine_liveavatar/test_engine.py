@@ -14,7 +14,6 @@ import torch
 from liveavatar_core.engines import registry
 from liveavatar_core.engines.base import GenerationConfig, SegmentRequest
 from liveavatar_core.engines.ladder import generate_with_ladder
-from liveavatar_core.engines.warmup import warm_up
 from liveavatar_core.engines.liveavatar import LiveAvatarEngine
 from liveavatar_core.engines.liveavatar.backends import Fp8Linear, apply_fp8
 from liveavatar_core.engines.liveavatar.checkpoint import random_init
@@ -24,6 +23,7 @@ from liveavatar_core.engines.liveavatar.kv_cache import CondKVCache, RingKVCache
 from liveavatar_core.engines.liveavatar.memory import ModelSizes, estimate_memory
 from liveavatar_core.engines.liveavatar.ring import WindowRing, ring_capacity_frames
 from liveavatar_core.engines.liveavatar.rungs import degrade_ladder, fit_area
+from liveavatar_core.engines.warmup import warm_up
 from liveavatar_core.errors import InputError, OutOfMemory
 from liveavatar_core.timebase import SAMPLES_PER_FRAME
 
