@@ -1,11 +1,13 @@
 """Where Prefect keeps task results and cache records: inside the work store (local or S3).
 
 Prefect requires result storage to be a block saved on the API, so each work store gets a block
-named after a hash of its URL (saved once per process, overwritten idempotently).
+named after a hash of its URL (saved once per process, overwritten idempotently). A course's lectures
+run in threads and reach this at about the same time: one of them saves, the others wait for it.
 """
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -15,9 +17,17 @@ from liveavatar_core import storage
 from liveavatar_core.keys import sha256_bytes
 
 
-@cache
+_SAVING = threading.Lock()
+
+
 def result_storage(work: str) -> WritableFileSystem:
     """The saved result-storage block for `{work}/prefect-results` (S3Bucket for s3:// work stores)."""
+    with _SAVING:
+        return _saved(work)
+
+
+@cache
+def _saved(work: str) -> WritableFileSystem:
     block = _local_block(work) if not storage.is_remote(work) else _s3_block(work)
     block.save(f"liveavatar-results-{sha256_bytes(work.encode())[:16]}", overwrite=True)
     return block
