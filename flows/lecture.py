@@ -226,7 +226,7 @@ def choose_engine(params: LectureParams) -> EngineChoice:
     weights = "none" if name == "preview" else ("random" if params.random_weights else "checkpoint")
     return EngineChoice(
         name=name,
-        version=registry.engine_class(name).version,
+        version=registry.engine_version(name),
         weights=weights,
         reason=reason,
         checkpoint_dir=params.checkpoints() if name != "preview" else None,

@@ -141,7 +141,7 @@ def prepare_portrait(staged: StagedFile, height: int, width: int, work: str) -> 
 @task(name="prepare-prompt")
 def prepare_prompt(text: str, engine: EngineChoice) -> PromptPrep:
     """Normalise the prompt and cap it at the text encoder's 512 tokens (a warning, not an error)."""
-    count_tokens = registry.engine_class(engine.name).token_counter(engine.checkpoint_dir)
+    count_tokens = registry.token_counter(engine.name, engine.checkpoint_dir)
     result = prompt.normalize_prompt(text, count_tokens=count_tokens)
     for warning in result.warnings:
         get_run_logger().warning("prompt: %s", warning)

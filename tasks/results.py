@@ -16,7 +16,6 @@ from prefect.filesystems import LocalFileSystem, WritableFileSystem
 from liveavatar_core import storage
 from liveavatar_core.keys import sha256_bytes
 
-
 _SAVING = threading.Lock()
 
 

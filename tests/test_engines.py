@@ -205,3 +205,29 @@ def test_registry_rejects_unknown_engine_and_explains_auto():
     name, reason = registry.resolve("auto", None, False)
     assert name == "preview" and "no CUDA GPU" in reason  # CI machines have no GPU
     assert registry.load(registry.EngineSpec("preview")) is registry.load(registry.EngineSpec("preview"))
+
+
+# Chooses LiveAvatar as a lecture flow does (name, version, prompt tokens), then lists the heavy
+# modules that got imported.
+CHOOSE_ONLY = """
+import sys
+from flows.lecture import LectureParams, choose_engine
+from liveavatar_core.engines import registry
+params = LectureParams(audio="a.wav", image="p.jpg", prompt="p", out="o", engine="liveavatar", random_weights=True)
+choice = choose_engine(params)
+assert registry.token_counter(choice.name, choice.checkpoint_dir) is None  # no tokenizer: random weights
+heavy = ("torch", "diffusers", "transformers", "liveavatar_core.engines.liveavatar.engine")
+print(choice.name, choice.version, [m for m in heavy if m in sys.modules])
+"""
+
+
+def test_a_flow_chooses_the_liveavatar_engine_without_importing_model_code():
+    """The lecture flow runs on CPU hosts; importing the model code there cost 14 s per course."""
+    import subprocess
+    import sys
+
+    from liveavatar_core.engines.liveavatar import LiveAvatarEngine
+
+    result = subprocess.run([sys.executable, "-c", CHOOSE_ONLY], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["liveavatar", LiveAvatarEngine.version, "[]"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -141,14 +140,6 @@ class Engine(ABC):
     @abstractmethod
     def ladder(self, config: GenerationConfig) -> list[Rung]:
         """Ordered configs to try: `config` itself first, then cheaper ones (speed before quality)."""
-
-    @classmethod
-    def token_counter(cls, checkpoint_dir: str | None) -> Callable[[str], int] | None:
-        """Counts tokens as the engine's text encoder sees them, or None when it has no tokenizer.
-
-        A classmethod: the prompt stage may run where the engine itself is never loaded.
-        """
-        return None
 
     def generate(self, request: SegmentRequest, sink: FrameSink) -> SegmentResult:
         """Check the request, refuse it up front if its estimate is over budget, then run it."""

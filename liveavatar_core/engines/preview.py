@@ -21,9 +21,17 @@ _MAX_SWAY_DEG = 1.2
 _MAX_SHIFT_PX = 3.0
 
 
+VERSION = "1"
+
+
+def token_counter(checkpoint_dir: str | None) -> None:
+    """The preview renderer reads no prompt, so it has no tokenizer."""
+    return None
+
+
 class PreviewEngine(Engine):
     name = "preview"
-    version = "1"
+    version = VERSION
 
     def default_config(self) -> GenerationConfig:
         return GenerationConfig()

@@ -398,11 +398,11 @@ def test_engine_estimate_matches_its_loaded_models(engine):
 
 
 def test_token_counter_reads_the_checkpoint_tokenizer(liveavatar_checkpoint):  # noqa: F811
-    count = LiveAvatarEngine.token_counter(str(liveavatar_checkpoint))
+    count = registry.token_counter("liveavatar", str(liveavatar_checkpoint))
     assert count("a person speaking") == 4  # three words of the tiny vocabulary, then </s>
     assert count("a person speaking and smiles") > count("a person speaking")
-    assert LiveAvatarEngine.token_counter(None) is None
-    assert LiveAvatarEngine.token_counter(str(liveavatar_checkpoint / "nowhere")) is None
+    assert registry.token_counter("liveavatar", None) is None
+    assert registry.token_counter("liveavatar", str(liveavatar_checkpoint / "nowhere")) is None
 
 
 def test_bad_sizes_and_missing_checkpoints_are_named(engine, tmp_path):

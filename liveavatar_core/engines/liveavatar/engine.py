@@ -15,7 +15,7 @@ import hashlib
 import json
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import torch
 from ...errors import InputError, OutOfMemory
 from ...timebase import SAMPLES_PER_FRAME
 from ..base import Engine, FrameSink, GenerationConfig, GiB, Rung, SegmentRequest, SegmentResult
+from . import VERSION
 from .backends import (
     BlockWeightOffload,
     HostRing,
@@ -40,9 +41,7 @@ from .backends import (
 from .checkpoint import load_dit, random_init
 from .components import (
     CheckpointLayout,
-    count_tokens,
     load_components,
-    load_tokenizer,
     random_components,
 )
 from .config import DiTConfig
@@ -70,7 +69,7 @@ class LiveAvatarEngine(Engine):
     """LiveAvatar (Wan2.2-S2V-14B + LiveAvatar LoRA), streaming, one GPU."""
 
     name = "liveavatar"
-    version = "1"
+    version = VERSION
 
     def __init__(
         self,
@@ -135,17 +134,6 @@ class LiveAvatarEngine(Engine):
             offload_available=offload_problem(self.device) is None,
             estimate=self.estimate_memory,
         )
-
-    @classmethod
-    def token_counter(cls, checkpoint_dir: str | None) -> Callable[[str], int] | None:
-        """umT5 tokens of a prompt (with </s>), from the tokenizer in the checkpoint folder."""
-        if not checkpoint_dir:
-            return None
-        folder = CheckpointLayout(Path(checkpoint_dir)).tokenizer
-        if not folder.is_dir():
-            return None
-        tokenizer = load_tokenizer(folder)
-        return lambda text: count_tokens(tokenizer, text)
 
     def close(self) -> None:
         if self._weight_offload is not None:
