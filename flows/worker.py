@@ -155,7 +155,7 @@ def serve_gpu(options: WorkerOptions) -> None:
     )
     log.info("engine %s loaded (%s)", name, reason)
     if options.warmup:
-        _warm_up(engine, options.warmup)
+        warm_up_at_profile(engine, options.warmup)
     log.info("serving generate-segment from %s", work)
 
     task = generate_segment.with_options(result_storage=result_storage(work))
@@ -167,15 +167,23 @@ def serve_gpu(options: WorkerOptions) -> None:
     log.info("GPU %d: worker stopped", options.gpu)
 
 
-def _warm_up(engine, profile_name: str) -> None:
+def warm_up_at_profile(engine, profile_name: str) -> None:
+    """Warm `engine` up at a course profile's size and precision; InputError if no rung fits the GPU."""
     from liveavatar_core.course import PROFILES
     from liveavatar_core.engines import GenerationConfig
     from liveavatar_core.engines.warmup import warm_up
+    from liveavatar_core.errors import InputError, OutOfMemory
 
     profile = PROFILES[profile_name]
     height, width = (int(v) for v in profile.size.split("x"))
     config = GenerationConfig(height=height, width=width, fp8=profile.precision == "fp8")
-    done = warm_up(engine, config)
+    try:
+        done = warm_up(engine, config)
+    except OutOfMemory as exc:
+        raise InputError(
+            f"--warmup {profile_name}",
+            f"{profile.size} does not fit this GPU ({exc}); warm up at a smaller profile or --warmup none",
+        ) from None
     log.info(
         "warmed up at %s %s (profile %s) in %.1f s, rung %s",
         profile.size, profile.precision, profile_name, done.seconds, done.rung,

@@ -8,7 +8,12 @@ import subprocess
 import sys
 import time
 
-from flows.worker import cpu_share
+import pytest
+
+from flows.worker import cpu_share, warm_up_at_profile
+from liveavatar_core.engines.base import GiB
+from liveavatar_core.engines.preview import PreviewEngine
+from liveavatar_core.errors import InputError, OutOfMemory
 from tests.fixtures.nap_worker import LONG_S
 from tests.fixtures.prefect_server import BIN, ROOT, start_process, stop_process, wait_subscribed
 
@@ -43,6 +48,22 @@ def test_a_bad_cpu_thread_count_is_refused_in_one_line():
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --cpu-threads 0: must be at least 1"]
+
+
+def test_a_warm_up_that_fits_no_rung_names_the_flag_and_the_way_out(monkeypatch, caplog):
+    engine = PreviewEngine()
+    caplog.set_level("INFO", logger="liveavatar.worker")
+    warm_up_at_profile(engine, "draft")
+    assert "warmed up at 384x256 bf16 (profile draft)" in caplog.text
+
+    def out_of_memory(self, request, sink):  # as a GPU too small for every rung
+        raise OutOfMemory("CUDA out of memory", needed_bytes=200 * GiB, budget_bytes=80 * GiB)
+
+    monkeypatch.setattr(PreviewEngine, "_generate", out_of_memory)
+    with pytest.raises(
+        InputError, match=r"^--warmup standard: 704x384 does not fit this GPU .*--warmup none$"
+    ):
+        warm_up_at_profile(engine, "standard")
 
 
 def _python(code: str, *args: str, env: dict[str, str]) -> subprocess.Popen:
