@@ -2,8 +2,9 @@
 
 Each engine's module (the part before ":" in its factory) is light: it names the engine's `VERSION`
 and its `token_counter(checkpoint_dir)` without importing model code, so that a flow on a CPU host can
-choose the engine, key its segments and count prompt tokens in well under a second. (Importing the
-LiveAvatar engine's model code takes 8 s on a 2-core CPU host and 14 s on a GPU host.)
+choose the engine and key its segments in well under a second. (Importing the LiveAvatar engine's
+model code takes 8 s on a 2-core CPU host and 14 s on a GPU host.) Only reading a checkpoint's
+tokenizer imports it, where the flow's host has the checkpoints (as when it generates in-process).
 """
 
 from __future__ import annotations
