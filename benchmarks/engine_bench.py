@@ -253,15 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for precision in [p.strip() for p in args.precisions.split(",")]:  # bf16 before fp8: fp8 is one-way
         for size in [s.strip() for s in args.sizes.split(",")]:
-            height, width = (int(v) for v in size.lower().split("x"))
             eager_frame = None
             for chains in [c.strip() for c in args.chains.split(",")]:
-                config = GenerationConfig(
-                    height=height,
-                    width=width,
-                    fp8=precision == "fp8",
-                    offload_encoders=not args.resident_encoders,
-                    compile=chains == "compiled",
+                config = GenerationConfig.for_output(size, precision).replace(
+                    offload_encoders=not args.resident_encoders, compile=chains == "compiled"
                 )
                 row, frame = bench(engine, config, args.clips)
                 if chains == "eager":

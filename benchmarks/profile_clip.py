@@ -25,9 +25,11 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compiled element-wise chains")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    h, w = (int(v) for v in args.size.split("x"))
     engine = LiveAvatarEngine(random_weights=True, device="cuda")
-    config = GenerationConfig(height=h, width=w, fp8=args.fp8, offload_encoders=True, compile=args.compile)
+    precision = "fp8" if args.fp8 else "bf16"
+    config = GenerationConfig.for_output(args.size, precision).replace(
+        offload_encoders=True, compile=args.compile
+    )
     engine.generate(request(config, 48, seed=0), CountingSink())  # warm: prompt, portrait, first calls
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:

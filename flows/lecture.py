@@ -149,7 +149,7 @@ def produce_lecture(params: LectureParams) -> dict[str, str]:
         text = prepare_prompt(params.prompt, engine)
 
     with stage("generate"):
-        config = GenerationConfig(height=params.height, width=params.width, fp8=params.precision == "fp8")
+        config = GenerationConfig.for_output(params.size, params.precision)
         outputs, records = generate_segments(plan, face, text, engine, config, params, work)
 
     inputs = Inputs(

@@ -175,10 +175,8 @@ def warm_up_at_profile(engine, profile_name: str) -> None:
     from liveavatar_core.errors import InputError, OutOfMemory
 
     profile = PROFILES[profile_name]
-    height, width = (int(v) for v in profile.size.split("x"))
-    config = GenerationConfig(height=height, width=width, fp8=profile.precision == "fp8")
     try:
-        done = warm_up(engine, config)
+        done = warm_up(engine, GenerationConfig.for_output(profile.size, profile.precision))
     except OutOfMemory as exc:
         raise InputError(
             f"--warmup {profile_name}",

@@ -59,6 +59,12 @@ class GenerationConfig:
     def from_dict(cls, data: dict[str, Any]) -> GenerationConfig:
         return cls(**data)
 
+    @classmethod
+    def for_output(cls, size: str, precision: str = "bf16") -> GenerationConfig:
+        """What a lecture (or a course profile) asks for: its size "HEIGHTxWIDTH" and precision."""
+        height, width = (int(v) for v in size.lower().split("x"))
+        return cls(height=height, width=width, fp8=precision == "fp8")
+
     @property
     def size(self) -> str:
         return f"{self.height}x{self.width}"
