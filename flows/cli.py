@@ -16,6 +16,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import get_args
 
 from pydantic import ValidationError
@@ -26,13 +29,14 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Prefect's embedded server migrates its database on first start: slow on a small, busy machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    # The embedded server's telemetry job has nowhere to send to on closed networks and logs errors.
+    # Prefect's servers (the local one too) would send telemetry: nowhere to on closed networks, and it logs errors.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.run(args)
+    code = args.run(args)
+    if argv is None and code != EXIT_OK:
+        _silence_the_rest()
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +86,13 @@ def _add_produce(commands) -> None:
 
 
 def _run_produce(args: argparse.Namespace) -> int:
+    work = args.work or os.environ.get("LIVEAVATAR_WORK")
+    problem = _preflight(
+        [("--audio", args.audio), ("--image", args.image)],
+        [("--out", args.out), *([("--work", work)] if work else [])],
+    ) or _engine_problem(args.engine, args.checkpoint_dir, args.random_weights)
+    if problem:
+        return _fail(EXIT_BAD_INPUT, problem)
     from flows.lecture import LectureParams
 
     try:
@@ -167,6 +178,8 @@ def _run_course(args: argparse.Namespace) -> int:
     from liveavatar_core.errors import LiveAvatarError
 
     source = args.course
+    if problem := _preflight([("COURSE", source)], [("--work", args.work)] if args.work else []):
+        return _fail(EXIT_BAD_INPUT, problem)
     if args.deployment and not storage.is_remote(source):
         source = os.path.abspath(source.removeprefix("file://"))  # the flow run's directory is elsewhere
     try:
@@ -331,8 +344,6 @@ def _add_deploy(commands) -> None:
 
 
 def _run_deploy(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from flows import deploy
 
     if not os.environ.get("PREFECT_API_URL"):
@@ -369,7 +380,8 @@ def run_flow(body) -> int:
 
     _quiet_prefect_errors()
     try:
-        return body()
+        with _api_server():
+            return body()
     except InputError as exc:
         return _fail(EXIT_BAD_INPUT, str(exc))
     except LiveAvatarError as exc:
@@ -378,15 +390,83 @@ def run_flow(body) -> int:
         return _fail(EXIT_INTERRUPTED, "interrupted; finished segments are kept and reused by the next run")
 
 
+def _preflight(inputs: list[tuple[str, str]], destinations: list[tuple[str, str]]) -> str | None:
+    """The first problem the quick checks find (missing files, bad URLs, S3 unreachable), or None."""
+    from liveavatar_core.errors import InputError
+    from liveavatar_core.storage.checks import preflight
+
+    try:
+        preflight(inputs, destinations)
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+def _engine_problem(engine: str, checkpoint_dir: str | None, random_weights: bool) -> str | None:
+    """Why `--engine liveavatar` cannot run in this process, or None (other engines, GPU workers)."""
+    if engine != "liveavatar" or os.environ.get("LIVEAVATAR_DISPATCH") == "gpu-workers":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return (
+            "--engine liveavatar: this machine has no CUDA GPU, which the 14B LiveAvatar model needs; "
+            "use --engine preview for a draft on CPU, or run on a GPU host"
+        )
+    if not (random_weights or checkpoint_dir or os.environ.get("LIVEAVATAR_CHECKPOINT_DIR")):
+        return (
+            "--checkpoint-dir: the liveavatar engine needs the official checkpoints (Wan2.2-S2V-14B/ and "
+            "LiveAvatar/); give --checkpoint-dir DIR or set $LIVEAVATAR_CHECKPOINT_DIR"
+        )
+    return None
+
+
+@contextmanager
+def _api_server() -> Iterator[None]:
+    """The Prefect API for this command: PREFECT_API_URL's (environment, profile, test harness), else
+    the long-lived local server (`flows/local_server.py`), started on first use."""
+    import prefect
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    from flows import local_server
+
+    settings = get_current_settings()
+    if settings.api.url:
+        yield
+        return
+    url, started = local_server.ensure(Path(settings.home), prefect.__version__)
+    if started:
+        print(
+            f"started a local Prefect server at {url.removesuffix('/api')} for this and later runs "
+            f"(it stops after {local_server.idle_seconds() / 60:.0f} min idle)",
+            file=sys.stderr,
+        )
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
 def _fail(code: int, message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
 
 
+def _silence_the_rest() -> None:
+    """After the one-line error, nothing may reach the screen: Prefect's exit handlers (flushing events
+    and logs, stopping a temporary server) can print tracebacks while the process winds down."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
 def _validation_line(exc: ValidationError) -> str:
     err = exc.errors()[0]
     field = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "input"
-    return f"{field}: {err['msg'].removeprefix('Value error, ')}"
+    message = err["msg"].removeprefix("Value error, ")
+    # A validator that names its flag itself ("--size '700x380' must be ...") keeps its own wording.
+    return message if message.startswith(f"{field} ") else f"{field}: {message}"
 
 
 class _DropFailureEchoes(logging.Filter):
