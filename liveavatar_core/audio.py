@@ -194,6 +194,137 @@ def normalize_to_wav(
     )
 
 
+# What a viewer hears: the lecture at its own rate (the AAC rate at or above it, 48 kHz at most), stereo
+# when the source has two or more channels, mono otherwise; AAC bitrates by channel count.
+PUBLISH_RATES = (16_000, 22_050, 24_000, 32_000, 44_100, 48_000)
+PUBLISH_BITRATES = {1: "96k", 2: "128k"}
+# The published track is iterated until its integrated loudness, measured on the encoded AAC as QC
+# measures it, is this close to the target (QC allows 1 LU).
+PUBLISH_TOLERANCE_LU = 0.3
+# The published track's limiter starts this far under the AAC's true-peak cap: the encoder overshoots
+# the limited PCM's true peak by 0.5-2 dB (measured, docs/audio.md); a pass that still ends over the
+# cap is redone with a lower ceiling.
+PUBLISH_LIMITER_MARGIN_DB = 1.5
+_PUBLISH_PASSES = 8
+
+
+@dataclass(frozen=True)
+class PublishedTrack:
+    """The AAC track made by `publish_track` and how it was made."""
+
+    path: Path
+    sample_rate: int
+    channels: int
+    bitrate: str
+    loudness_in: Loudness  # of the source in the published layout and rate, before any gain
+    loudness_out: Loudness  # of the encoded AAC, decoded and measured as QC measures it
+    gain_db: float  # gain before the true-peak limiter
+    passes: int  # gain-and-limit passes it took (each measured)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+def publish_layout(info: AudioInfo) -> tuple[int, int]:
+    """(sample rate, channels) of the published track for a source described by `info`."""
+    rate = next(
+        (r for r in PUBLISH_RATES if r >= min(info.sample_rate, PUBLISH_RATES[-1])), PUBLISH_RATES[-1]
+    )
+    return rate, 2 if info.channels >= 2 else 1
+
+
+def publish_track(
+    src: PathLike,
+    dst: PathLike,
+    *,
+    target_lufs: float = -16.0,
+    max_true_peak_db: float = -1.0,
+    subject: str | None = None,
+) -> PublishedTrack:
+    """Encode `src`'s first audio stream as the lecture's published AAC track (.m4a) at `target_lufs`.
+
+    The source keeps its rate (`publish_layout`) and its stereo; the 16 kHz mono WAV of
+    `normalize_to_wav` is for the model and the voice detector only. Loudness: measure, apply gain and
+    the true-peak limiter, measure again and correct the gain for what the limiter took, until the
+    result is within `PUBLISH_TOLERANCE_LU` of the target (the limiter can take 1-2 LU from peaky speech);
+    then encode and measure the AAC itself, whose true peak must stay under `max_true_peak_db` (AAC
+    overshoots what it is given; a pass over the cap is redone with a lower limiter ceiling). `dst`
+    appears only when complete.
+    """
+    src, dst = Path(src), Path(dst)
+    subject = subject or str(src)
+    info = probe_audio(src, subject=subject)
+    rate, channels = publish_layout(info)
+    layout = "stereo" if channels == 2 else "mono"
+    shape = f"aresample=osr={rate}:ochl={layout}"
+    loud_in = _meter(src, shape, subject)
+    if not loud_in.integrated_lufs > SILENCE_LUFS:
+        raise InputError(subject, "is silent (no sound above -70 LUFS); it must contain the lecture's speech")
+    bitrate = PUBLISH_BITRATES[channels]
+    gain_db = target_lufs - loud_in.integrated_lufs
+    ceiling_db = max_true_peak_db - PUBLISH_LIMITER_MARGIN_DB
+    tried: list[tuple[float, float]] = []  # (gain, loudness) of each measured pass since the last encode
+    part = _temp_path(dst, ".part.m4a")
+    try:
+        for passes in range(1, _PUBLISH_PASSES + 1):
+            chain = f"{shape},{_gain_and_limit(gain_db, ceiling_db, rate)}"
+            limited = _meter(src, chain, subject)
+            tried.append((gain_db, limited.integrated_lufs))
+            if not _near(limited.integrated_lufs, target_lufs) and passes < _PUBLISH_PASSES:
+                gain_db += _gain_step(tried, target_lufs)
+                continue
+            _run_ffmpeg(
+                ["-i", str(src), "-map", "0:a:0", "-af", chain, "-c:a", "aac", "-b:a", bitrate,
+                 "-f", "mp4", str(part)],
+                on_error=lambda reason: MediaError(f"encoding the audio track of {src} failed: {reason}"),
+            )  # fmt: skip
+            loud_out = measure_loudness(part)
+            over = loud_out.true_peak_dbtp - max_true_peak_db
+            if over <= 0 and _near(loud_out.integrated_lufs, target_lufs):
+                break
+            # The encoder's own overshoot or level shift: lower the ceiling, correct the gain, go again.
+            if over > 0:
+                ceiling_db -= over + 0.2
+            gain_db += target_lufs - loud_out.integrated_lufs
+            tried.clear()
+        os.replace(part, dst)
+    finally:
+        part.unlink(missing_ok=True)
+    return PublishedTrack(
+        path=dst, sample_rate=rate, channels=channels, bitrate=bitrate, loudness_in=loud_in,
+        loudness_out=loud_out, gain_db=gain_db, passes=passes,
+    )  # fmt: skip
+
+
+def _near(lufs: float, target: float) -> bool:
+    return abs(target - lufs) <= PUBLISH_TOLERANCE_LU + 1e-9
+
+
+def _gain_step(tried: list[tuple[float, float]], target: float) -> float:
+    """The gain change that should bring the next pass to `target` (a secant step on the last two passes).
+
+    Loudness after the limiter grows with the gain, but by less than the gain once peaks are limited.
+    """
+    gain, loud = tried[-1]
+    slope = 1.0
+    if len(tried) >= 2:
+        g0, l0 = tried[-2]
+        if gain != g0:
+            slope = min(1.0, max(0.2, (loud - l0) / (gain - g0)))
+    return (target - loud) / slope
+
+
+def _meter(src: Path, chain: str, subject: str) -> Loudness:
+    """EBU R128 loudness of `src`'s first audio stream after the filter `chain`."""
+    stderr = _run_ffmpeg(
+        ["-i", str(src), "-map", "0:a:0", "-af", f"{chain},{_EBUR128}", "-f", "null", "-"],
+        on_error=lambda reason: InputError(subject, f"could not be decoded ({reason})"),
+    )
+    return parse_ebur128_summary(stderr)
+
+
 def measure_loudness(path: PathLike, *, subject: str | None = None) -> Loudness:
     """EBU R128 loudness of the first audio stream of any media file, as it is (streaming)."""
     path = Path(path)
@@ -344,24 +475,7 @@ def _apply_gain_and_limit(
     working (so a tap such as the voice detector runs on the second core). Returns the output's
     loudness and its length in samples.
     """
-    ceiling = 10 ** (ceiling_db / 20)
-    if not 0.0625 <= ceiling <= 1.0:
-        raise ValueError(
-            f"a limiter ceiling of {ceiling_db:+.1f} dB is outside what alimiter does (-24 to 0 dB)"
-        )
-    chain = ",".join(
-        [
-            f"volume={gain_db:.3f}dB:precision=float",
-            # 2x oversampling: the limiter sees most inter-sample peaks (and its own gain changes'
-            # splatter is filtered out on the way back down), for a fraction of the cost of 4x.
-            f"aresample={SAMPLE_RATE * LIMITER_OVERSAMPLE}",
-            # level=false: no make-up gain; latency=true: compensate the 5 ms look-ahead, so every
-            # sample stays where it was (lip sync).
-            f"alimiter=limit={ceiling:.6f}:attack=5:release=50:level=false:latency=true",
-            f"aresample={SAMPLE_RATE}",
-            _EBUR128,
-        ]
-    )
+    chain = f"{_gain_and_limit(gain_db, ceiling_db, SAMPLE_RATE)},{_EBUR128}"
     args = ["-i", str(src), "-af", chain, "-c:a", "pcm_s16le", "-f", "s16le", "pipe:1"]
     if tap is not None:
         tap.reset()
@@ -380,6 +494,27 @@ def _apply_gain_and_limit(
     if ff.returncode != 0:
         raise MediaError(f"normalising {src} failed: {_ffmpeg_reason(ff.stderr)}")
     return parse_ebur128_summary(ff.stderr), samples
+
+
+def _gain_and_limit(gain_db: float, ceiling_db: float, rate: int) -> str:
+    """Filter chain: gain, then a look-ahead peak limiter at `ceiling_db`, oversampled, at `rate`."""
+    ceiling = 10 ** (ceiling_db / 20)
+    if not 0.0625 <= ceiling <= 1.0:
+        raise ValueError(
+            f"a limiter ceiling of {ceiling_db:+.1f} dB is outside what alimiter does (-24 to 0 dB)"
+        )
+    return ",".join(
+        [
+            f"volume={gain_db:.3f}dB:precision=float",
+            # 2x oversampling: the limiter sees most inter-sample peaks (and its own gain changes'
+            # splatter is filtered out on the way back down), for a fraction of the cost of 4x.
+            f"aresample={rate * LIMITER_OVERSAMPLE}",
+            # level=false: no make-up gain; latency=true: compensate the 5 ms look-ahead, so every
+            # sample stays where it was (lip sync).
+            f"alimiter=limit={ceiling:.6f}:attack=5:release=50:level=false:latency=true",
+            f"aresample={rate}",
+        ]
+    )
 
 
 def _downmix(channels: int) -> str:

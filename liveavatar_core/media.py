@@ -4,7 +4,7 @@
   segment of a lecture uses identical settings, so segments join without re-encoding.
 * `probe` reads container and stream facts with PyAV, without decoding.
 * `assemble` joins segments with ffmpeg's concat demuxer (`-c copy`) and muxes the whole lecture
-  audio once (AAC, +faststart). Muxing the audio once keeps lip sync: per-segment AAC would add
+  audio once (the published AAC track is copied; +faststart). Muxing the audio once keeps lip sync: per-segment AAC would add
   priming samples at every cut.
 
 See docs/media.md for which library does what and why.
@@ -37,8 +37,8 @@ DEFAULT_CRF = 20
 # workers set it to their share of the host (cores / GPUs), so N encoders do not each take every core.
 THREADS_ENV = "LIVEAVATAR_CPU_THREADS"
 GOP = FPS
-# Mono speech: 64 kb/s AAC is transparent enough and encodes an hour in about a minute on one core.
-AUDIO_BITRATE = "64k"
+# AAC for a WAV given to `assemble` as is (tests; the flow hands it audio.publish_track's AAC, copied).
+AUDIO_BITRATE = "96k"
 
 
 def ffmpeg_exe() -> str:
@@ -275,24 +275,6 @@ def _aac_args(bitrate: str) -> list[str]:
     return ["-c:a", "aac", "-b:a", bitrate]
 
 
-def encode_audio(
-    wav_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *, bitrate: str = AUDIO_BITRATE
-) -> MediaInfo:
-    """Encode lecture audio to AAC in an .m4a once, ahead of `assemble` (which then copies it)."""
-    out = Path(out_path)
-    part = _part_path(out)
-    try:
-        _run_ffmpeg(
-            ["-loglevel", "error", "-y", "-i", str(wav_path), "-map", "0:a:0", *_aac_args(bitrate),
-             "-f", "mp4", str(part)],
-            f"encoding {wav_path} to AAC",
-        )  # fmt: skip
-        os.replace(part, out)
-    finally:
-        part.unlink(missing_ok=True)
-    return probe(out)
-
-
 def _run_ffmpeg(args: list[str], what: str) -> subprocess.CompletedProcess[str]:
     """Run the bundled ffmpeg quietly; raise MediaError with its last lines when it fails."""
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-nostats", *args]
@@ -327,7 +309,7 @@ def assemble(
     streams start at 0 (the mp4 edit list hides AAC priming). The output is written to a temporary
     file and renamed, so `out_path` only ever holds a complete file.
 
-    `audio_wav` may also be AAC already (from `encode_audio`, run while segments are generated):
+    `audio_wav` may also be AAC already (`audio.publish_track`, run while segments are generated):
     it is then copied, and assembling an hour takes seconds instead of a minute of AAC encoding.
     """
     segments = [Path(p) for p in segment_paths]

@@ -8,22 +8,40 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from liveavatar_core import media, qc, report, storage
+from liveavatar_core import audio, media, qc, report, storage
 
 from .common import TRANSIENT_RETRIES
 from .models import AudioPrep, SegmentOutput
+from .prepare import PUBLISHED_TRUE_PEAK_DB, TARGET_LUFS
 
 
 @task(name="encode-audio-track", **TRANSIENT_RETRIES)
 def encode_audio_track(prep: AudioPrep) -> str:
-    """The whole normalised lecture audio as AAC, encoded once (the flow runs this during generation)."""
-    url = prep.wav_url.removesuffix(".wav") + ".m4a"
+    """The lecture as viewers hear it: the upload at its own rate (48 kHz at most) and stereo, brought
+    to the line's loudness and encoded as AAC once (the flow runs this during generation)."""
+    url = storage.join(prep.wav_url.rsplit("/", 1)[0], "published.m4a")
     if storage.exists(url):
         return url
-    with storage.local_file(prep.wav_url) as wav, tempfile.TemporaryDirectory() as tmp:
-        track = Path(tmp) / "audio.m4a"
-        media.encode_audio(wav, track)
-        storage.upload(track, url)
+    subject = f"--audio {prep.source.source}"
+    with storage.local_file(prep.source.url) as src, tempfile.TemporaryDirectory() as tmp:
+        track = audio.publish_track(
+            src,
+            Path(tmp) / "audio.m4a",
+            target_lufs=TARGET_LUFS,
+            max_true_peak_db=PUBLISHED_TRUE_PEAK_DB,
+            subject=subject,
+        )
+        storage.upload(track.path, url)
+    get_run_logger().info(
+        "audio track: %d Hz, %d channel(s), AAC %s, loudness %.1f -> %.1f LUFS (true peak %.1f dBTP), %d passes",
+        track.sample_rate,
+        track.channels,
+        track.bitrate,
+        track.loudness_in.integrated_lufs,
+        track.loudness_out.integrated_lufs,
+        track.loudness_out.true_peak_dbtp,
+        track.passes,
+    )
     return url
 
 

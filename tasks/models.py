@@ -27,6 +27,7 @@ class SpeechSpanRecord(_Record):
 class AudioPrep(_Record):
     """The normalised lecture audio (16 kHz mono PCM16 WAV) and what was learned preparing it."""
 
+    source: StagedFile  # the lecture as uploaded: the published track is made from it
     wav_url: str
     samples: int
     duration_s: float

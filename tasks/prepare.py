@@ -28,9 +28,12 @@ from .models import (
 )
 
 # Bump when the audio preparation changes what it produces (it is part of the content key).
-AUDIO_PREP_VERSION = 1
+AUDIO_PREP_VERSION = 2
+# The line's loudness: -16 LUFS integrated, as course and streaming platforms play speech; true peaks
+# under -1.5 dBTP in the model's WAV and under QC's -1 dBTP cap in the published AAC (docs/audio.md).
 TARGET_LUFS = -16.0
 TRUE_PEAK_DB = -1.5
+PUBLISHED_TRUE_PEAK_DB = -1.0
 
 
 @task(name="prepare-audio", **TRANSIENT_RETRIES)
@@ -61,6 +64,7 @@ def prepare_audio(staged: StagedFile, work: str) -> AudioPrep:
         wav_url = storage.join(base, "audio.wav")
         storage.upload(norm.path, wav_url)
     prep = AudioPrep(
+        source=staged,
         wav_url=wav_url,
         samples=norm.samples,
         duration_s=norm.samples / audio.SAMPLE_RATE,

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from liveavatar_core.audio import publish_track
 from liveavatar_core.engines.base import Engine, GenerationConfig, Rung, SegmentRequest, SegmentResult
 from liveavatar_core.engines.ladder import generate_with_ladder
 from liveavatar_core.errors import MediaError, OutOfMemory
-from liveavatar_core.media import THREADS_ENV, VideoWriter, assemble, encode_audio, ffmpeg_exe, probe
+from liveavatar_core.media import THREADS_ENV, VideoWriter, assemble, ffmpeg_exe, probe
 from liveavatar_core.timebase import SAMPLES_PER_FRAME
 from tests.fixtures.media import synthetic_frames, write_segment
 
@@ -253,7 +254,7 @@ def test_assemble_is_lossless_for_video(tmp_path, three_segments, speechlike_wav
 def test_assemble_copies_preencoded_aac(tmp_path, three_segments, speechlike_wav_factory):
     paths, lengths = three_segments
     speech = speechlike_wav_factory(sum(lengths) / 25 - 0.01)
-    m4a = encode_audio(speech.path, tmp_path / "audio.m4a")
+    m4a = probe(publish_track(speech.path, tmp_path / "audio.m4a").path)
     assert m4a.audio.codec == "aac" and m4a.audio.start_s == 0.0
     info = assemble(paths, m4a.path, tmp_path / "lecture.mp4")
     assert info.audio.start_s == 0.0
