@@ -61,7 +61,10 @@ def _add_produce(commands) -> None:
     )
     p.add_argument("--title", help="lecture title for the report (default: the audio file's name)")
     p.add_argument("--engine", default="auto", choices=["auto", "preview", "liveavatar"])
-    p.add_argument("--size", default="704x384", metavar="HxW", help="output height x width (default 704x384)")
+    p.add_argument(
+        "--size", default="auto", metavar="WxH",
+        help="output WIDTHxHEIGHT in pixels, or auto: 704x384's area shaped like the portrait (default)",
+    )  # fmt: skip
     p.add_argument(
         "--precision", default="bf16", choices=get_args(Precision),
         help="fp8: LiveAvatar's linears in e4m3, about 1.3x faster on fp8 GPUs (H100, L40S), slightly different pictures",
@@ -152,7 +155,9 @@ def _add_course(commands) -> None:
         "instead of in this process; the manifest and its inputs must be readable there",
     )
     p.add_argument("--max-parallel", type=int, default=8, metavar="N", help="lectures in flight at once (8)")
-    p.add_argument("--size", metavar="HxW", help="override every lecture's profile size")
+    p.add_argument(
+        "--size", metavar="WxH", help="override every lecture's profile size (WIDTHxHEIGHT or auto)"
+    )
     p.add_argument("--segment-seconds", type=float, metavar="T", help="override the profiles' segment target")
     p.add_argument(
         "--max-segment-seconds", type=float, metavar="M", help="override the profiles' segment maximum"

@@ -28,7 +28,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from flows.dispatch import require_server
-from flows.lecture import LectureParams, choose_engine, lecture_settings, produce_lecture
+from flows.forms import FormModel
+from flows.lecture import WORKER_HOST, LectureParams, choose_engine, lecture_settings, produce_lecture
+from liveavatar_core import size as output_size
 from liveavatar_core import storage
 from liveavatar_core.course import Course, LectureSpec, load_course, parse_course
 from liveavatar_core.engines import registry
@@ -45,41 +47,70 @@ class CourseFailed(LiveAvatarError):
     """At least one lecture of the course failed (the others were produced or skipped)."""
 
 
-class CourseParams(BaseModel):
+class CourseParams(FormModel):
     """A course run. Shown as a form in the Prefect UI; `liveavatar-batch course` fills it from flags."""
 
-    course: str = Field(description="Course manifest (YAML): local path, file:// or s3:// URL")
-    work: str | None = Field(
-        None, description="Work store (local dir or s3:// prefix); default $LIVEAVATAR_WORK"
+    course: str = Field(
+        title="Course manifest",
+        description="The course's YAML: a path, file:// or s3:// URL." + WORKER_HOST,
+        min_length=1,
     )
     dispatch: Literal["in-process", "gpu-workers"] = Field(
         "gpu-workers",
+        title="Dispatch",
         description="gpu-workers: segments go to the long-lived GPU workers, lectures run side by side; "
         "in-process: generate in this process, one lecture after another (one GPU, one model)",
     )
     max_parallel: int = Field(
-        8, ge=1, le=256, description="Lectures in flight at once (gpu-workers); 2x the GPU workers or more"
+        8,
+        ge=1,
+        le=256,
+        title="Lectures at once",
+        description="Lectures in flight at once (gpu-workers); 2x the GPU workers or more",
     )
     size: str | None = Field(
-        None, description="Override every lecture's profile size (HEIGHTxWIDTH), e.g. for a smoke run"
+        None,
+        title="Size",
+        description="Override every lecture's profile size: auto (shaped like each portrait) or "
+        "WIDTHxHEIGHT, e.g. 256x144 for a smoke run; empty: the profiles' sizes",
+        json_schema_extra={"pattern": output_size.PATTERN},
     )
-    segment_seconds: float | None = Field(None, gt=2, description="Override the profiles' segment target")
-    max_segment_seconds: float | None = Field(None, gt=2, description="Override the profiles' maximum")
-    memory_budget_gb: float | None = Field(None, gt=0, description="Per-segment memory budget")
-    allow_qc_fail: bool = Field(False, description="Publish lectures even when QC fails")
-    checkpoint_dir: str | None = Field(None, description="LiveAvatar checkpoints (in-process dispatch)")
-    random_weights: bool = Field(False, description="LiveAvatar with random full-size weights (benchmarks)")
-    force: bool = Field(False, description="Produce every lecture, even those already published")
+    segment_seconds: float | None = Field(
+        None, gt=2, title="Segment length (s)", description="Override the profiles' segment target"
+    )
+    max_segment_seconds: float | None = Field(
+        None, gt=2, title="Longest segment (s)", description="Override the profiles' maximum"
+    )
+    allow_qc_fail: bool = Field(
+        False, title="Publish even if checks fail", description="Publish lectures even when QC fails"
+    )
+    force: bool = Field(
+        False, title="Produce all again", description="Produce every lecture, even those already published"
+    )
+    memory_budget_gb: float | None = Field(
+        None, gt=0, title="Memory budget (GiB)", description="Per-segment memory budget"
+    )
+    work: str | None = Field(
+        None,
+        title="Work store",
+        description="Folder or s3:// prefix for intermediate files; empty: $LIVEAVATAR_WORK on the worker",
+    )
+    checkpoint_dir: str | None = Field(
+        None, title="Checkpoint folder", description="LiveAvatar checkpoints (in-process dispatch)"
+    )
+    random_weights: bool = Field(
+        False, title="Random weights", description="LiveAvatar with random full-size weights (benchmarks)"
+    )
 
     @field_validator("size")
     @classmethod
     def _size(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            return LectureParams(audio="-", image="-", prompt="-", out="-", size=value).size
-        except ValidationError as exc:
-            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return None if value is None or not value.strip() else output_size.normalise(value)
+
+    @field_validator("work", "checkpoint_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     def lecture_params(self, spec: LectureSpec) -> LectureParams:
         """The lecture flow's parameters for one lecture of the course."""

@@ -11,13 +11,15 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from flows.dispatch import run_on_gpu_workers
+from flows.forms import FormModel
+from liveavatar_core import size as output_size
 from liveavatar_core import storage
 from liveavatar_core.course import Precision
 from liveavatar_core.engines import GenerationConfig, registry
@@ -43,6 +45,7 @@ from tasks.models import EngineChoice, PlannedSegment, PortraitPrep, PromptPrep,
 from tasks.prepare import plan_segments as plan_segments_task
 from tasks.prepare import prepare_audio, prepare_portrait, prepare_prompt
 from tasks.results import result_storage
+from tasks.size import choose_size
 from tasks.stage import check_destination, stage_input
 
 DEFAULT_WORK = "~/.cache/liveavatar-batch/work"
@@ -51,71 +54,121 @@ DEFAULT_WORK = "~/.cache/liveavatar-batch/work"
 DISPATCH_ENV = "LIVEAVATAR_DISPATCH"
 
 
-class LectureParams(BaseModel):
+WORKER_HOST = (
+    " A path or file:// URL is read on the host of the worker that runs the flow, not on your computer;"
+    " s3:// works from anywhere."
+)
+
+
+class LectureParams(FormModel):
     """One lecture's job. Shown as a form in the Prefect UI; the CLI fills it from its flags."""
 
     audio: str = Field(
-        description="Lecture audio: local path, file:// or s3:// URL (wav, mp3, m4a, flac, ogg)"
+        title="Lecture audio",
+        description="wav, mp3, m4a, flac or ogg: a path, file:// or s3:// URL." + WORKER_HOST,
+        min_length=1,
     )
-    image: str = Field(description="Portrait: local path, file:// or s3:// URL")
-    prompt: str = Field(description="Who, doing what, where, in what style")
-    title: str | None = Field(None, description="Shown in the report; default: the audio file's name")
-    out: str = Field(description="Destination: local directory, file:// or s3:// prefix")
-    engine: Literal["auto", "preview", "liveavatar"] = "auto"
+    image: str = Field(
+        title="Portrait",
+        description="A photo of the speaker (jpg, png, webp): a path, file:// or s3:// URL." + WORKER_HOST,
+        min_length=1,
+    )
+    prompt: str = Field(
+        title="Prompt",
+        description="Who, doing what, where, in what style (the box grows as you type; several lines "
+        "are fine)",
+        min_length=1,
+    )
+    title: str | None = Field(
+        None,
+        title="Title",
+        description="Shown in the report and the run's name; empty: the audio file's name",
+    )
+    out: str = Field(
+        title="Destination",
+        description="Where video.mp4, report.html, qc.json and manifest.json are published: a folder, "
+        "file:// or s3:// prefix." + WORKER_HOST,
+        min_length=1,
+    )
+    engine: Literal["auto", "preview", "liveavatar"] = Field(
+        "auto",
+        title="Engine",
+        description="liveavatar: the 14B model (GPU). preview: a quick CPU draft (a moving still, not "
+        "lip-synced), for trying the line out. auto: liveavatar where its checkpoints are, else preview",
+    )
+    dispatch: Literal["in-process", "gpu-workers"] = Field(
+        default_factory=lambda: os.environ.get(DISPATCH_ENV, "in-process"),  # type: ignore[arg-type]
+        title="Dispatch",
+        description="Where segments are generated. gpu-workers: on the long-lived GPU workers "
+        "(`liveavatar-batch worker --gpu N`; on a machine without GPUs, `worker --gpu 0 --engine "
+        "preview`). in-process: inside this flow run (a CPU try-out with the preview engine, or a GPU "
+        "host without GPU workers). The deployment fills in its own default",
+    )
     size: str = Field(
-        "704x384", description="Output HEIGHTxWIDTH in pixels (multiples of 16; 64 for liveavatar)"
+        output_size.AUTO,
+        title="Size",
+        description="auto: about 704x384 pixels' worth, shaped like the portrait (a landscape photo gives "
+        "704x384, a portrait photo 384x704). Or an exact WIDTHxHEIGHT such as 1280x720: each side a "
+        "multiple of 16 (64 for liveavatar) from 64 to 2048",
+        json_schema_extra={"pattern": output_size.PATTERN},
     )
     precision: Precision = Field(
         "bf16",
+        title="Precision",
         description="fp8: LiveAvatar's block linears in e4m3 (about 1.3x faster on fp8 GPUs such as "
         "H100, L40S; slightly different pictures). Other engines ignore it",
     )
     segment_seconds: float = Field(
-        30.0, gt=2, description="Target segment length; cuts fall in pauses near it"
+        30.0,
+        gt=2,
+        title="Segment length (s)",
+        description="Target segment length; cuts fall in pauses near it",
     )
-    max_segment_seconds: float = Field(40.0, gt=2, description="No segment is longer than this")
-    seed: int = Field(0, ge=0)
+    max_segment_seconds: float = Field(
+        40.0, gt=2, title="Longest segment (s)", description="No segment is longer; at least the target"
+    )
+    seed: int = Field(0, ge=0, title="Seed", description="Same inputs and seed, same video")
+    allow_qc_fail: bool = Field(
+        False, title="Publish even if checks fail", description="Publish even when quality checks fail"
+    )
     memory_budget_gb: float | None = Field(
-        None, gt=0, description="Per-segment memory budget; None: the device's"
+        None, gt=0, title="Memory budget (GiB)", description="Per-segment memory budget; empty: the device's"
     )
-    allow_qc_fail: bool = Field(False, description="Publish even when QC fails")
     work: str | None = Field(
-        None, description="Work store (local dir or s3:// prefix); default $LIVEAVATAR_WORK"
+        None,
+        title="Work store",
+        description="Folder or s3:// prefix for intermediate files; empty: $LIVEAVATAR_WORK on the worker",
     )
     checkpoint_dir: str | None = Field(
-        None, description="LiveAvatar checkpoints; default $LIVEAVATAR_CHECKPOINT_DIR"
+        None,
+        title="Checkpoint folder",
+        description="LiveAvatar checkpoints on the worker's host; empty: $LIVEAVATAR_CHECKPOINT_DIR",
     )
     random_weights: bool = Field(
-        False, description="LiveAvatar with random full-size weights (benchmarks only)"
-    )
-    dispatch: Literal["in-process", "gpu-workers"] = Field(
-        default_factory=lambda: os.environ.get(DISPATCH_ENV, "in-process"),  # type: ignore[arg-type]
-        description="Where segments are generated: in this flow run's process, or on the long-lived "
-        "GPU workers (`liveavatar-batch worker --gpu N`). Default: $LIVEAVATAR_DISPATCH, else in-process",
+        False,
+        title="Random weights",
+        description="LiveAvatar with random full-size weights (benchmarks only)",
     )
 
     @field_validator("size")
     @classmethod
     def _size(cls, value: str) -> str:
-        h, _, w = value.lower().partition("x")
-        if (
-            not (h.isdigit() and w.isdigit())
-            or int(h) % 16
-            or int(w) % 16
-            or not (64 <= int(h) <= 2048 and 64 <= int(w) <= 2048)
-        ):
+        return output_size.normalise(value)
+
+    @field_validator("max_segment_seconds")
+    @classmethod
+    def _max_at_least_target(cls, value: float, info: ValidationInfo) -> float:
+        target = info.data.get("segment_seconds")
+        if target is not None and value < target:
             raise ValueError(
-                f"--size {value!r} must be HEIGHTxWIDTH, each a multiple of 16 between 64 and 2048"
+                f"{value:g} s is shorter than the segment length ({target:g} s); make it at least that"
             )
-        return f"{int(h)}x{int(w)}"
+        return value
 
-    @property
-    def height(self) -> int:
-        return int(self.size.split("x")[0])
-
-    @property
-    def width(self) -> int:
-        return int(self.size.split("x")[1])
+    @field_validator("title", "work", "checkpoint_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     def work_store(self) -> str:
         work = self.work or os.environ.get("LIVEAVATAR_WORK") or DEFAULT_WORK
@@ -145,11 +198,11 @@ def produce_lecture(params: LectureParams) -> dict[str, str]:
         # AAC encoding of the whole lecture (a minute of CPU per hour) overlaps generation.
         audio_track = encode_audio_track.submit(prep)
         plan = plan_segments_task(prep, params.segment_seconds, params.max_segment_seconds)
-        face = prepare_portrait(image_in, params.height, params.width, work)
+        config = choose_size(image_in, params.size, params.precision)
+        face = prepare_portrait(image_in, config.height, config.width, work)
         text = prepare_prompt(params.prompt, engine)
 
     with stage("generate"):
-        config = GenerationConfig.for_output(params.size, params.precision)
         outputs, records = generate_segments(plan, face, text, engine, config, params, work)
 
     inputs = Inputs(

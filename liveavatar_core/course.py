@@ -46,7 +46,7 @@ class Profile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     description: str
-    size: str  # HEIGHTxWIDTH of the generated video
+    size: str  # WIDTHxHEIGHT of the generated video (exact: every lecture of a course alike)
     precision: Precision = "bf16"
     segment_seconds: float  # target segment length; cuts fall in pauses near it
     max_segment_seconds: float  # no segment is longer
@@ -54,13 +54,13 @@ class Profile(BaseModel):
 
 PROFILES: dict[str, Profile] = {
     "draft": Profile(
-        description="Review copy: a third of the pixels of standard, so about 3x cheaper per minute",
+        description="Review copy (384x256): a third of the pixels of standard, so about 3x cheaper per minute",
         size="384x256",
         segment_seconds=30.0,
         max_segment_seconds=40.0,
     ),
     "standard": Profile(
-        description="The model's own size (704x384); the default",
+        description="The model's own size, 704 wide x 384 high; the default",
         size="704x384",
         segment_seconds=30.0,
         max_segment_seconds=40.0,

@@ -1,75 +1,105 @@
-"""A self-contained HTML report of one finished lecture: inputs, engine, thumbnails, segments, QC.
+"""A self-contained HTML report of one finished lecture, for the course team that checks it.
 
-One file, no external resources: inline CSS, thumbnails as base64 JPEG. Every value that comes
-from the manifest or the QC result is escaped. Missing manifest keys show as "–", never fail.
+Rendered from `templates/report.html.j2` (Jinja2, autoescaped): a player for the `video.mp4` beside
+it that jumps to each cut and each flagged moment, the checks in plain words with units, settings,
+segments, thumbnails (base64 JPEG), and a banner when the render is a draft. One file, no external
+resources. Missing manifest keys show as "–", never fail.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 from PIL import Image
 
+from . import __version__
 from .errors import MediaError
 from .media import probe
 
 DEFAULT_THUMBNAILS = 10
 THUMB_WIDTH = 160
 MISSING = "–"
+TEMPLATE = "report.html.j2"
 
-_CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
-h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.1rem;margin-top:1.8rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;width:100%;margin:.5rem 0}
-th,td{border:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.pass{color:#176b2c;font-weight:600}.fail{color:#b00020;font-weight:600}
-.badge{display:inline-block;padding:.15rem .6rem;border-radius:1rem;color:#fff;font-weight:600}
-.badge.pass{background:#1e8e3e}.badge.fail{background:#c5221f}.badge.unknown{background:#777}
-.strip{display:flex;gap:.4rem;overflow-x:auto;padding:.3rem 0}
-figure{margin:0;text-align:center}figure img{display:block;border:1px solid #ccc}
-figcaption{font-size:.8rem;color:#555}pre{white-space:pre-wrap;margin:0}
-ul.warn li{color:#8a5300}.muted{color:#777}
-"""
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("liveavatar_core", "templates"),
+    autoescape=True,
+    undefined=jinja2.ChainableUndefined,  # a missing manifest key renders as a dash, never fails
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 
 
-def _e(value: Any) -> str:
-    """Escaped text of a value; None and missing become a dash."""
+def _ms(v: Any) -> str:
+    return f"{v * 1000:.0f} ms"
+
+
+def _plain(v: Any) -> str:
+    return str(v)
+
+
+# name: (what is checked, in words; the measured value with its unit; the limit with its unit)
+CHECKS: dict[str, tuple[str, Any, Any]] = {
+    "decodable": ("The video file decodes without errors", lambda v: f"{v} frames decoded", None),
+    "frame_count": ("Every planned frame is there", lambda v: f"{v} frames", lambda v: f"{v} frames"),
+    "starts_at_zero": ("Picture and sound start together", _ms, lambda v: f"at most {_ms(v)}"),
+    "av_duration_match": ("Picture and sound end together", lambda v: f"{_ms(v)} apart", lambda v: f"under {_ms(v)} (one frame)"),
+    "audio_duration": ("The whole lecture audio is in the video", lambda v: f"{_ms(v)} missing or extra", lambda v: f"under {_ms(v)}"),
+    "no_black_in_speech": ("No black picture while the speaker talks", lambda v: f"{v} black moments", lambda v: f"{v}"),
+    "loudness": ("Loudness", lambda v: f"{v:.1f} LUFS", lambda v: f"{v[0]:.1f} to {v[1]:.1f} LUFS"),
+    "true_peak": ("Loudest peak (clipping guard)", lambda v: f"{v:.1f} dBTP", lambda v: f"at most {v:.1f} dBTP"),
+    "identity": ("The face stays the portrait's person", None, None),
+    "lip_sync": ("Lips move with the speech (estimate)", None, None),
+    "no_frozen_speech": ("The picture moves while the speaker talks", None, None),
+    "no_jump_at_cuts": ("No visible jump where segments join", None, None),
+}  # fmt: skip
+
+
+def describe_check(check: Mapping[str, Any]) -> dict[str, Any]:
+    """One QC check in words: label, passed (True/False/None), value and limit with units, detail."""
+    name = str(check.get("name") or MISSING)
+    label, value_fmt, limit_fmt = CHECKS.get(name, (name.replace("_", " ").capitalize(), None, None))
+    return {
+        "name": name,
+        "label": label,
+        "passed": check.get("passed") if isinstance(check.get("passed"), bool) else None,
+        "value": _formatted(check.get("value"), value_fmt),
+        "limit": _formatted(check.get("limit"), limit_fmt),
+        "detail": check.get("detail") or "",
+    }
+
+
+def _formatted(value: Any, fmt: Any) -> str:
     if value is None or value == "":
         return MISSING
-    return html.escape(str(value))
+    try:
+        return (fmt or _plain)(value)
+    except (TypeError, ValueError, IndexError, KeyError):
+        return str(value)
 
 
-def _get(data: Any, *keys: str) -> Any:
-    """data[k1][k2]..., or None where any level is missing or not a mapping."""
-    for key in keys:
-        if not isinstance(data, Mapping):
-            return None
-        data = data.get(key)
-    return data
+def is_draft(manifest: Mapping[str, Any]) -> str | None:
+    """Why this render is not the real thing (preview engine, random weights), or None."""
+    engine = _get(manifest, "engine") or {}
+    if engine.get("name") == "preview":
+        return "made with the preview engine: a moving still of the portrait, not lip-synced"
+    if engine.get("weights") == "random":
+        return "made with random weights (a benchmark): the picture is noise"
+    return None
 
 
-def _list(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, list | tuple) else []
-
-
-def _num(value: Any, fmt: str = "{:.2f}") -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return _e(value)
-    return html.escape(fmt.format(value))
-
-
-def _clock(seconds: Any) -> str:
+def clock(seconds: Any) -> str:
     """m:ss.s (h:mm:ss.s from an hour on) for a time in seconds."""
     if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        return _e(seconds)
+        return MISSING if seconds in (None, "") else str(seconds)
     minutes, rest = divmod(float(seconds), 60)
     if minutes >= 60:
         hours, minutes = divmod(minutes, 60)
@@ -97,8 +127,7 @@ def take_thumbnails(
     try:
         shots = []
         for t in thumbnail_times(clip.duration or 0.0, count):
-            frame = np.asarray(clip.get_frame(t), dtype=np.uint8)
-            image = Image.fromarray(frame)
+            image = Image.fromarray(np.asarray(clip.get_frame(t), dtype=np.uint8))
             height = max(1, round(image.height * width / image.width))
             image = image.resize((width, height), Image.Resampling.LANCZOS)
             buffer = io.BytesIO()
@@ -109,99 +138,148 @@ def take_thumbnails(
         clip.close()
 
 
-def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], empty: str = "none") -> str:
-    """An HTML table from already-escaped cell markup."""
-    head = "".join(f"<th>{h}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(cells) + "</tr>" for cells in rows)
-    if not body:
-        return f'<p class="muted">{html.escape(empty)}</p>'
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def render_report(
+    video_path: str | os.PathLike[str],
+    manifest: Mapping[str, Any],
+    qc: Mapping[str, Any] | None = None,
+    *,
+    thumbnails: int = DEFAULT_THUMBNAILS,
+    now: datetime | None = None,
+) -> str:
+    """The report page as one HTML string. `qc` defaults to the manifest's own "qc" entry."""
+    video = Path(video_path)
+    manifest = manifest if isinstance(manifest, Mapping) else {}
+    qc = qc if isinstance(qc, Mapping) and qc else _get(manifest, "qc") or {}
+    lecture = _get(manifest, "lecture") if isinstance(_get(manifest, "lecture"), Mapping) else {}
+    segments = [s for s in _list(_get(manifest, "segments")) if isinstance(s, Mapping)]
+    checks = [describe_check(c) for c in _list(_get(qc, "checks")) if isinstance(c, Mapping)]
+    context = {
+        "title": lecture.get("title") or lecture.get("name") or lecture.get("id") or video.name,
+        "lecture": lecture,
+        "video_name": video.name,
+        "video_found": video.exists(),
+        "passed": _get(qc, "passed") if isinstance(_get(qc, "passed"), bool) else None,
+        "draft": is_draft(manifest),
+        "checks": checks,
+        "failed": [c for c in checks if c["passed"] is False],
+        "picture": _get(qc, "picture") if isinstance(_get(qc, "picture"), Mapping) else None,
+        "moments": moments(segments, qc),
+        "segments": [_segment_row(s) for s in segments],
+        "settings": _settings(manifest),
+        "inputs": _get(manifest, "inputs") if isinstance(_get(manifest, "inputs"), Mapping) else {},
+        "engine": _get(manifest, "engine") if isinstance(_get(manifest, "engine"), Mapping) else {},
+        "output": _get(manifest, "output") if isinstance(_get(manifest, "output"), Mapping) else {},
+        "file_facts": _file_facts(video) if video.exists() else None,
+        "thumbs": _thumbs(video, thumbnails) if video.exists() else [],
+        "warnings": _warnings(manifest),
+        "tool_version": _get(manifest, "tool_version") or __version__,
+        "job_key": _get(manifest, "job_key"),
+        "rendered": (now or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC"),
+        "MISSING": MISSING,
+    }
+    return _ENV.get_template(TEMPLATE).render(**context, clock=clock, num=_num)
 
 
-def _td(markup: str, cls: str = "") -> str:
-    return f'<td class="{cls}">{markup}</td>' if cls else f"<td>{markup}</td>"
+def moments(segments: list[Mapping[str, Any]], qc: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Where the player can jump: each cut between segments and each moment a check flagged, by time."""
+    found = [
+        {"at_s": s["start_s"], "kind": "cut", "what": f"cut before segment {s.get('index', '?')} "
+         f"({_cut_words(prev.get('cut'))})"}
+        for prev, s in zip(segments, segments[1:], strict=False)
+        if isinstance(s.get("start_s"), int | float)
+    ]  # fmt: skip
+    found += [{"at_s": at, "kind": "flag", "what": what} for at, what in _flags(qc.get("picture"), "")]
+    for flag in _list(qc.get("flagged")):
+        if isinstance(flag, Mapping) and isinstance(flag.get("at_s"), int | float):
+            found.append({"at_s": flag["at_s"], "kind": "flag", "what": str(flag.get("what") or "flagged")})
+    return sorted(found, key=lambda m: m["at_s"])
 
 
-def _kv(pairs: Iterable[tuple[str, str]]) -> str:
-    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{v}</td></tr>" for k, v in pairs)
-    return f"<table><tbody>{rows}</tbody></table>"
+_TIME_KEYS = ("at_s", "worst_at_s", "start_s")
 
 
-def _status(passed: Any) -> str:
-    if passed is True:
-        return '<span class="pass">pass</span>'
-    if passed is False:
-        return '<span class="fail">FAIL</span>'
-    return '<span class="muted">–</span>'
+def _flags(node: Any, where: str) -> list[tuple[float, str]]:
+    """(time, what) of every entry of the picture section marked failed (passed false or flagged)."""
+    out: list[tuple[float, str]] = []
+    if isinstance(node, Mapping):
+        bad = node.get("passed") is False or node.get("flagged") is True
+        at = next((node[k] for k in _TIME_KEYS if isinstance(node.get(k), int | float)), None)
+        if bad and at is not None:
+            out.append((float(at), str(node.get("what") or node.get("name") or where or "flagged")))
+        for key, value in node.items():
+            if key != "images":
+                out += _flags(value, key.replace("_", " "))
+    elif isinstance(node, list):
+        for item in node:
+            out += _flags(item, where)
+    return out
 
 
-def _attempts(attempts: list[Any]) -> str:
-    lines = []
-    for attempt in attempts:
-        rung = _e(_get(attempt, "rung"))
-        error = _get(attempt, "error")
-        seconds = _get(attempt, "seconds")
-        took = f" {_num(seconds, '{:.1f}')} s" if isinstance(seconds, int | float) else ""
-        outcome = f'<span class="fail">{_e(error)}</span>' if error else '<span class="pass">ok</span>'
-        lines.append(f"{rung}{took}: {outcome}")
-    return "<br>".join(lines) if lines else MISSING
+_CUTS = {
+    "pause": "in a pause",
+    "hard": "hard cut inside speech: no pause within the longest segment",
+    "end": "end of the lecture",
+}
 
 
-def _segment_rows(segments: list[Any]) -> list[list[str]]:
-    rows = []
-    for seg in segments:
-        start, end = _get(seg, "start_s"), _get(seg, "end_s")
-        duration = end - start if isinstance(start, int | float) and isinstance(end, int | float) else None
-        attempts = _list(_get(seg, "attempts"))
-        seconds = [a.get("seconds") for a in attempts if isinstance(a, Mapping)]
-        total = sum(s for s in seconds if isinstance(s, int | float)) if seconds else None
-        cached = _get(seg, "cached")
-        rows.append(
-            [
-                _td(_e(_get(seg, "index")), "num"),
-                _td(_clock(start), "num"),
-                _td(_clock(end), "num"),
-                _td(_num(duration), "num"),
-                _td(_e(_get(seg, "frames")), "num"),
-                _td("yes" if cached is True else "no" if cached is False else MISSING),
-                _td(_attempts(attempts)),
-                _td(_num(total, "{:.1f}"), "num"),
-            ]
-        )
-    return rows
+def _cut_words(kind: Any) -> str:
+    return _CUTS.get(str(kind), str(kind) if kind else MISSING)
 
 
-def _qc_rows(checks: list[Any]) -> list[list[str]]:
-    rows = []
-    for check in checks:
-        limit = _get(check, "limit")
-        if isinstance(limit, list | tuple):
-            limit = " … ".join(str(x) for x in limit)
-        rows.append(
-            [
-                _td(_e(_get(check, "name"))),
-                _td(_status(_get(check, "passed"))),
-                _td(_e(_get(check, "value")), "num"),
-                _td(_e(limit), "num"),
-                _td(_e(_get(check, "detail"))),
-            ]
-        )
-    return rows
+def _segment_row(seg: Mapping[str, Any]) -> dict[str, Any]:
+    start, end = seg.get("start_s"), seg.get("end_s")
+    numbers = isinstance(start, int | float) and isinstance(end, int | float)
+    attempts = [a for a in _list(seg.get("attempts")) if isinstance(a, Mapping)]
+    seconds = [a.get("seconds") for a in attempts if isinstance(a.get("seconds"), int | float)]
+    return {
+        "index": seg.get("index", MISSING),
+        "start_s": start if numbers else None,
+        "start": clock(start),
+        "end": clock(end),
+        "duration": end - start if numbers else None,
+        "frames": seg.get("frames", MISSING),
+        "cut": seg.get("cut"),
+        "cut_words": _cut_words(seg.get("cut")),
+        "cached": seg.get("cached") if isinstance(seg.get("cached"), bool) else None,
+        "attempts": attempts,
+        "seconds": sum(seconds) if seconds else None,
+    }
 
 
-def _thumb_strip(video_path: Path, count: int) -> str:
+def _settings(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
+    s = _get(manifest, "settings") if isinstance(_get(manifest, "settings"), Mapping) else {}
+    output = _get(manifest, "output") if isinstance(_get(manifest, "output"), Mapping) else {}
+    lecture = _get(manifest, "lecture") if isinstance(_get(manifest, "lecture"), Mapping) else {}
+    size = s.get("size")
+    made = f"{output['width']}×{output['height']}" if "width" in output and "height" in output else None
+    size_text = (
+        f"{made} (auto: 704×384's area shaped like the portrait)" if size == "auto" and made else size or made
+    )
+    budget = s.get("memory_budget_gb")
+    return [
+        ("Size (width × height)", size_text or MISSING),
+        ("Engine asked for", s.get("engine") or MISSING),
+        ("Precision", s.get("precision") or MISSING),
+        ("Segment length", _num(s.get("segment_seconds"), "{:g} s target")),
+        ("Longest segment", _num(s.get("max_segment_seconds"), "{:g} s")),
+        ("Seed", str(s.get("seed", MISSING))),
+        ("Profile", str(lecture.get("profile") or "none (settings as given)")),
+        ("Memory budget", _num(budget, "{:g} GiB") if budget is not None else "the device's"),
+    ]
+
+
+def _warnings(manifest: Mapping[str, Any]) -> list[str]:
+    found = [str(w) for w in _list(_get(manifest, "warnings"))]
+    return found + [f"prompt: {w}" for w in _list(_get(manifest, "inputs", "prompt", "warnings"))]
+
+
+def _thumbs(video: Path, count: int) -> list[dict[str, Any]] | str:
+    """[{at_s, data}] of base64 JPEG thumbnails, or the reason there are none."""
     try:
-        shots = take_thumbnails(video_path, count)
+        shots = take_thumbnails(video, count)
     except MediaError as exc:
-        return f'<p class="fail">{html.escape(str(exc))}</p>'
-    figures = []
-    for t, jpeg in shots:
-        data = base64.b64encode(jpeg).decode("ascii")
-        figures.append(
-            f'<figure><img src="data:image/jpeg;base64,{data}" alt="frame at {_clock(t)}">'
-            f"<figcaption>{_clock(t)}</figcaption></figure>"
-        )
-    return f'<div class="strip">{"".join(figures)}</div>'
+        return str(exc)
+    return [{"at_s": t, "data": base64.b64encode(jpeg).decode("ascii")} for t, jpeg in shots]
 
 
 def _file_facts(video: Path) -> str:
@@ -209,98 +287,31 @@ def _file_facts(video: Path) -> str:
     try:
         info = probe(video)
     except MediaError as exc:
-        return f'<span class="fail">{html.escape(str(exc))}</span>'
-    facts = [f"{html.escape(video.name)}, {_clock(info.duration_s)}"]
+        return str(exc)
+    facts = [f"{video.name}, {clock(info.duration_s)}"]
     if info.video:
         v = info.video
-        facts.append(f"{_e(v.codec)} {v.width}×{v.height}, {v.frames} frames at {v.fps:g} fps")
+        facts.append(f"{v.codec} {v.width}×{v.height}, {v.frames} frames at {v.fps:g} fps")
     if info.audio:
         a = info.audio
-        facts.append(f"{_e(a.codec)} {a.sample_rate} Hz × {a.channels}")
+        facts.append(f"{a.codec} {a.sample_rate} Hz × {a.channels}")
     return "; ".join(facts)
 
 
-def render_report(
-    video_path: str | os.PathLike[str],
-    manifest: Mapping[str, Any],
-    qc: Mapping[str, Any] | None = None,
-    *,
-    thumbnails: int = DEFAULT_THUMBNAILS,
-) -> str:
-    """The report page as one HTML string. `qc` defaults to the manifest's own "qc" entry."""
-    video = Path(video_path)
-    manifest = manifest if isinstance(manifest, Mapping) else {}
-    qc = qc if isinstance(qc, Mapping) and qc else _get(manifest, "qc") or {}
-    lecture = _get(manifest, "lecture")
-    lecture = lecture if isinstance(lecture, Mapping) else {}
-    title = lecture.get("title") or lecture.get("name") or lecture.get("id") or video.name
-    passed = _get(qc, "passed")
-    badge = {True: ("pass", "QC passed"), False: ("fail", "QC failed")}.get(passed, ("unknown", "QC not run"))
+def _get(data: Any, *keys: str) -> Any:
+    """data[k1][k2]..., or None where any level is missing or not a mapping."""
+    for key in keys:
+        if not isinstance(data, Mapping):
+            return None
+        data = data.get(key)
+    return data
 
-    inputs = _get(manifest, "inputs")
-    prompt_warnings = _list(_get(inputs, "prompt", "warnings"))
-    input_rows = [
-        (
-            "audio",
-            f"{_e(_get(inputs, 'audio', 'url'))}<br><small>sha256 {_e(_get(inputs, 'audio', 'sha256'))}</small>",
-        ),
-        (
-            "image",
-            f"{_e(_get(inputs, 'image', 'url'))}<br><small>sha256 {_e(_get(inputs, 'image', 'sha256'))}</small>",
-        ),
-        ("prompt", f"<pre>{_e(_get(inputs, 'prompt', 'text'))}</pre>"),
-    ]
-    engine_rows = [(k, _e(_get(manifest, "engine", k))) for k in ("name", "version", "reason")]
-    duration = _get(manifest, "output", "duration_s")
-    output_rows = [
-        ("duration", f"{_num(duration)} s" if isinstance(duration, int | float) else _e(duration)),
-        ("frames", _e(_get(manifest, "output", "frames"))),
-        ("fps", _e(_get(manifest, "output", "fps"))),
-        ("size", f"{_e(_get(manifest, 'output', 'width'))} × {_e(_get(manifest, 'output', 'height'))}"),
-        ("file", _file_facts(video)),
-    ]
-    lecture_rows = [(str(k), _e(v)) for k, v in lecture.items()]
-    warnings = [*_list(_get(manifest, "warnings")), *(f"prompt: {w}" for w in prompt_warnings)]
-    warn_html = (
-        '<ul class="warn">' + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>"
-        if warnings
-        else '<p class="muted">none</p>'
-    )
-    segments = _list(_get(manifest, "segments"))
-    seg_headers = [
-        "#",
-        "start",
-        "end",
-        "duration (s)",
-        "frames",
-        "cached",
-        "attempts (rung, time: outcome)",
-        "seconds",
-    ]
-    qc_headers = ["check", "result", "value", "limit", "detail"]
 
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{_e(title)} – LiveAvatar report</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_e(title)}</h1>",
-        f'<p><span class="badge {badge[0]}">{badge[1]}</span> <span class="muted">{_e(video.name)}</span></p>',
-        "<h2>Lecture</h2>",
-        _kv(lecture_rows) if lecture_rows else '<p class="muted">no lecture details</p>',
-        "<h2>Inputs</h2>",
-        _kv(input_rows),
-        "<h2>Engine</h2>",
-        _kv(engine_rows),
-        "<h2>Output</h2>",
-        _kv(output_rows),
-        "<h2>Frames</h2>",
-        _thumb_strip(video, thumbnails) if video.exists() else '<p class="fail">video file not found</p>',
-        f"<h2>Segments ({len(segments)})</h2>",
-        _table(seg_headers, _segment_rows(segments), "no segments recorded"),
-        "<h2>Quality control</h2>",
-        _table(qc_headers, _qc_rows(_list(_get(qc, "checks"))), "no QC results"),
-        "<h2>Warnings</h2>",
-        warn_html,
-        "</body></html>",
-    ]
-    return "\n".join(parts)
+def _list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+def _num(value: Any, fmt: str = "{:.2f}") -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return MISSING if value in (None, "") else str(value)
+    return fmt.format(value)

@@ -22,7 +22,7 @@ IMAGE = ROOT / "examples" / "portrait.jpg"
 PROMPT = (
     (ROOT / "examples" / "prompt.txt").read_text() if (ROOT / "examples" / "prompt.txt").exists() else "x"
 )
-SMALL = ["--size", "256x144"]
+SMALL = ["--size", "144x256"]  # WIDTHxHEIGHT: a portrait-shaped small video
 
 
 def produce(tmp_path, *extra, audio=AUDIO, image=IMAGE, out=None, work=None):

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 
+from .. import size as output_size
 from ..errors import InputError, OutOfMemory
 from ..timebase import AUDIO_SAMPLE_RATE, FPS, SAMPLES_PER_FRAME
 
@@ -60,14 +61,16 @@ class GenerationConfig:
         return cls(**data)
 
     @classmethod
-    def for_output(cls, size: str, precision: str = "bf16") -> GenerationConfig:
-        """What a lecture (or a course profile) asks for: its size "HEIGHTxWIDTH" and precision."""
-        height, width = (int(v) for v in size.lower().split("x"))
+    def for_output(cls, size: str, precision: str = "bf16", aspect: float | None = None) -> GenerationConfig:
+        """What a lecture (or a course profile) asks for: its size ("auto" or "WIDTHxHEIGHT", see
+        liveavatar_core.size), the portrait's width/height `aspect` that "auto" follows, and precision."""
+        width, height = output_size.resolve(output_size.normalise(size), aspect)
         return cls(height=height, width=width, fp8=precision == "fp8")
 
     @property
     def size(self) -> str:
-        return f"{self.height}x{self.width}"
+        """WIDTHxHEIGHT, as video tools write it."""
+        return f"{self.width}x{self.height}"
 
 
 @dataclass(frozen=True)
