@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import av
 import numpy as np
@@ -30,6 +30,9 @@ from .audio import Loudness, parse_ebur128_summary
 from .errors import MediaError, QCFailed
 from .media import MediaInfo, ffmpeg_exe, probe
 from .timebase import FPS
+
+if TYPE_CHECKING:
+    from .qc_picture.picture import PictureQC
 
 # A frame is black when 98% of its luma is at or under 10% of the limited range above black
 # (16 + 0.10 * 219): the defaults of ffmpeg's blackdetect filter.
@@ -73,6 +76,7 @@ class QCReport:
     video: str
     checks: list[QCCheck] = field(default_factory=list)
     seconds: float = 0.0
+    picture: dict[str, Any] | None = None  # identity, lip sync, motion per segment (qc_picture)
 
     @property
     def passed(self) -> bool:
@@ -90,18 +94,30 @@ class QCReport:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "video": self.video,
             "passed": self.passed,
+            "failed": [check.name for check in self.failures],
             "seconds": round(self.seconds, 3),
             "checks": [check.to_dict() for check in self.checks],
         }
+        if self.picture is not None:
+            data["picture"] = self.picture
+        return data
 
     def raise_for_failures(self) -> None:
         """Raise QCFailed naming every failed check; return quietly when all passed."""
         if self.failures:
             text = "; ".join(f"{c.name}: {c.detail}" for c in self.failures)
             raise QCFailed(f"{self.video} failed QC ({len(self.failures)} checks): {text}")
+
+
+def without_images(qc: dict[str, Any]) -> dict[str, Any]:
+    """The QC dict without the report's pictures (for qc.json and the manifest: numbers only)."""
+    picture = qc.get("picture")
+    if not isinstance(picture, dict) or "images" not in picture:
+        return qc
+    return qc | {"picture": {k: v for k, v in picture.items() if k != "images"}}
 
 
 def _start_loudness(path: Path) -> subprocess.Popen[str]:
@@ -182,24 +198,33 @@ def _first_gop(path: Path, seen: _Decoded) -> None:
                 seen.first_gop += 1
 
 
-def _keyframes(path: Path, seen: _Decoded) -> int | None:
-    """Decode only keyframes, judging each black or not; return the last keyframe's timestamp."""
+def _keyframes(path: Path, seen: _Decoded, fps: int, picture: PictureQC | None = None) -> int | None:
+    """Decode keyframes, judging each black or not, and the GOPs `picture` asks for; return the last
+    keyframe's timestamp."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         tb = stream.time_base
-        stream.codec_context.skip_frame = "NONKEY"
+        ctx = stream.codec_context
+        ctx.skip_frame = "NONKEY"
         if len(stream.index_entries):
             seen.indexed_keyframes = sum(1 for entry in stream.index_entries if entry.is_keyframe)
         last_key_pts = None
+        whole_gop = False
         for packet in container.demux(stream):
-            if not packet.is_keyframe and packet.size:
+            if packet.is_keyframe and packet.pts is not None and picture is not None:
+                whole_gop = picture.wants_gop(round(float(packet.pts * tb) * fps))
+                ctx.skip_frame = "DEFAULT" if whole_gop else "NONKEY"
+            if not packet.is_keyframe and packet.size and not whole_gop:
                 continue  # never handed to the decoder: this is what makes QC cheap
             for frame in _decode(stream, packet if packet.size else None, seen):
                 t = float(frame.pts * tb)
-                seen.keyframe_times.append(t)
-                if _is_black(frame):
-                    seen.black_times.append(t)
-            if packet.size and packet.pts is not None:
+                if frame.key_frame:
+                    seen.keyframe_times.append(t)
+                    if _is_black(frame):
+                        seen.black_times.append(t)
+                if picture is not None:
+                    picture.feed(round(t * fps), frame, _luma(frame), frame.key_frame)
+            if packet.size and packet.pts is not None and packet.is_keyframe:
                 last_key_pts = packet.pts
         return last_key_pts
 
@@ -221,12 +246,12 @@ def _last_gop(path: Path, last_key_pts: int | None, fps: int, seen: _Decoded) ->
             seen.last_index = round(float(last_pts * stream.time_base) * fps)
 
 
-def _decode_sampled(path: Path, fps: int) -> _Decoded:
-    """Decode the first GOP, every keyframe, and the last GOP of the first video stream."""
+def _decode_sampled(path: Path, fps: int, picture: PictureQC | None = None) -> _Decoded:
+    """Decode the first GOP, every keyframe (and what `picture` asks for), and the last GOP."""
     seen = _Decoded()
     try:
         _first_gop(path, seen)
-        last_key_pts = _keyframes(path, seen)
+        last_key_pts = _keyframes(path, seen, fps, picture)
         _last_gop(path, last_key_pts, fps, seen)
     except (av.error.FFmpegError, OSError, IndexError) as exc:
         seen.errors.append(f"{type(exc).__name__}: {exc}")
@@ -262,12 +287,19 @@ def run_qc(
     lufs_tolerance: float = 1.0,
     max_true_peak_db: float = -1.0,
     fps: int = FPS,
+    portrait: np.ndarray | None = None,
+    segments: Sequence[tuple[int, int]] | None = None,
+    skip_picture: str | None = None,
 ) -> QCReport:
     """Check a muxed lecture video; every check runs (a failure does not stop the others).
 
     Checks: decodable, frame_count, starts_at_zero, av_duration_match, audio_duration,
-    no_black_in_speech, loudness, true_peak. Raises MediaError only when the file cannot be
-    probed at all; a file that probes but does not decode fails `decodable` instead.
+    no_black_in_speech, loudness, true_peak; with a `portrait` (RGB) also the picture checks
+    identity, lip_sync, no_frozen_speech and no_jump_at_cuts, per segment (`segments`: frame ranges
+    [start, end); None: 30-s stretches, no cuts). `skip_picture` says why the video shows no face
+    (random weights): the picture gates then pass with that reason, never silently. Raises
+    MediaError only when the file cannot be probed at all; a file that probes but does not decode
+    fails `decodable` instead; InputError when the portrait shows no face.
     """
     path = Path(video_path)
     spans = list(speech_spans)
@@ -275,9 +307,18 @@ def run_qc(
     frame_s = 1.0 / fps
     info = probe(path)
     report = QCReport(str(path))
+    picture = None
+    if info.video is not None and (portrait is not None or skip_picture is not None):
+        from .qc_picture.picture import PictureQC  # dlib loads only when the picture is checked
+
+        picture = PictureQC(
+            portrait, segments if segments is not None else expected_frames, _merged(spans),
+            fps=fps, skip_reason=skip_picture,
+        )  # fmt: skip
     loud_proc = _start_loudness(path) if info.audio is not None else None
     try:
-        decoded = _decode_sampled(path, fps) if info.video is not None else None
+        decoded = _decode_sampled(path, fps, picture) if info.video is not None else None
+        picture_checks, report.picture = picture.finish(str(path)) if picture else ([], None)
     except BaseException:
         if loud_proc is not None:
             loud_proc.kill()
@@ -287,6 +328,7 @@ def run_qc(
     report.checks += _timing_checks(info, audio_duration_s, frame_s)
     report.checks.append(_black_check(decoded, spans))
     report.checks += _loudness_checks(loud_proc, target_lufs, lufs_tolerance, max_true_peak_db)
+    report.checks += picture_checks
     report.seconds = time.perf_counter() - started
     return report
 
