@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ...errors import LiveAvatarError
+from ...errors import LiveAvatarError, OutOfMemory
 from .chains import EAGER, FP8, FP8_MAX, Chains, compiled_chains, use_chains
 from .kv_cache import RingKVCache
 
@@ -50,15 +50,29 @@ class BackendUnavailable(LiveAvatarError):
 _FP8_PROBES: dict[str, str | None] = {}
 
 
+def _probe_fp8(device: torch.device) -> None:
+    """One tiny e4m3 matmul on `device` (raises when it cannot run)."""
+    a = torch.ones(16, 16, device=device).to(FP8)
+    one = torch.ones((), device=device)
+    torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+
 def fp8_problem(device: torch.device) -> str | None:
-    """Why fp8 linears cannot run on `device` (None when a probe matmul works)."""
+    """Why fp8 linears cannot run on `device` (None when a probe matmul works).
+
+    The verdict is cached per device. Running out of memory during the probe says nothing about the
+    GPU: it raises `OutOfMemory` (what the ladder catches) and caches nothing, so a later call with
+    memory to spare probes again."""
     key = str(device)
     if key not in _FP8_PROBES:
         try:
-            a = torch.ones(16, 16, device=device).to(FP8)
-            one = torch.ones((), device=device)
-            torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+            _probe_fp8(device)
             _FP8_PROBES[key] = None
+        except torch.OutOfMemoryError as exc:
+            message = str(exc).splitlines()[0] if str(exc) else "out of memory"
+            raise OutOfMemory(
+                f"the fp8 capability probe ran out of device memory on {device}: {message}"
+            ) from None
         except (RuntimeError, AttributeError, NotImplementedError) as exc:
             name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
             _FP8_PROBES[key] = (
@@ -98,12 +112,19 @@ class Fp8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+    def from_linear(cls, linear: nn.Linear, work_device: torch.device | None = None) -> Fp8Linear:
+        """Quantise `linear` (on `work_device` when given; the result goes back where the weight was)."""
         w = linear.weight.detach()
-        scale = w.abs().amax().float().clamp(min=1e-12) / FP8_MAX
-        q = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        q, scale = quantise_weight(w.to(work_device or w.device))
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(q, scale, bias)
+        return cls(q.to(w.device), scale.to(w.device), bias)
+
+    @classmethod
+    def empty_like(cls, linear: nn.Linear) -> Fp8Linear:
+        """Uninitialised buffers of `linear`'s shape on its device (meta, for `checkpoint.build_placed`)."""
+        w = linear.weight
+        bias = None if linear.bias is None else torch.empty_like(linear.bias)
+        return cls(torch.empty(w.shape, dtype=FP8, device=w.device), torch.empty((), device=w.device), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -143,6 +164,15 @@ def _quantise_activation(x: torch.Tensor, features: int, chains: Chains) -> tupl
     return xq, scale
 
 
+def quantise_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, float32 dequantisation scale) with one scale per tensor, on `w`'s device. One
+    float32 copy of `w` is the only transient (scaled and clamped in place)."""
+    scale = w.abs().amax().float().clamp(min=1e-12) / FP8_MAX
+    w32 = w.to(torch.float32, copy=True)
+    w32.div_(scale).clamp_(-FP8_MAX, FP8_MAX)
+    return w32.to(FP8), scale
+
+
 def fp8_linear_names(model: nn.Module) -> list[str]:
     """Module names of the DiT's linears that fp8 converts."""
     return [
@@ -152,11 +182,13 @@ def fp8_linear_names(model: nn.Module) -> list[str]:
     ]
 
 
-def apply_fp8(model: nn.Module) -> int:
-    """Replace the blocks' linears by `Fp8Linear`, one at a time (peak: one bf16 weight extra).
+def apply_fp8(model: nn.Module, work_device: torch.device | None = None) -> int:
+    """Replace the blocks' linears by `Fp8Linear`, one at a time (peak: one weight's float32 copy extra).
+    Weights in host memory (weight streaming) are quantised on `work_device` and stay on the host.
 
-    Returns the number of bytes freed on the model's device."""
-    require("fp8", fp8_problem(next(model.parameters()).device))
+    Returns the number of bytes freed where the weights live."""
+    device = work_device or next(model.parameters()).device
+    require("fp8", fp8_problem(device))
     freed = 0
     with torch.no_grad():
         for name in fp8_linear_names(model):
@@ -164,7 +196,7 @@ def apply_fp8(model: nn.Module) -> int:
             parent = model.get_submodule(parent_name)
             linear = getattr(parent, child)
             freed += linear.weight.numel() * (linear.weight.element_size() - 1)
-            setattr(parent, child, Fp8Linear.from_linear(linear))
+            setattr(parent, child, Fp8Linear.from_linear(linear, device))
     return freed
 
 
@@ -183,6 +215,10 @@ class BlockWeightOffload:
     Every module inside block i gets a forward pre-hook that makes block i resident, so any path into
     a block (its forward, or `embed_text` calling a block's cross-attention directly) finds its weights.
     Making block i resident also starts copying block i+1 into the other slot on a side stream.
+
+    The weights leave the device before the slots are allocated (a model that fills the device can be
+    offloaded); weights already in host memory (loaded there: `checkpoint.Placement.blocks_on_host`)
+    are adopted as they are, never copied to the device.
     """
 
     def __init__(self, model: nn.Module, device: torch.device):
@@ -190,20 +226,23 @@ class BlockWeightOffload:
         self.device = device
         self.blocks = list(model.blocks)
         self.entries = [_tensor_entries(block) for block in self.blocks]
-        # Slots first (an OOM here leaves the model as it was): one GPU tensor per (entry position,
-        # shape, dtype); blocks with and without audio injectors differ.
-        self.slots: list[dict[tuple, torch.Tensor]] = [{}, {}]
+        self.host = []
         for entries in self.entries:
-            for j, (module, _kind, name) in enumerate(entries):
-                tensor = getattr(module, name)
+            tensors = [getattr(m, n) for m, _, n in entries]
+            on_host = all(t.device.type == "cpu" and t.is_pinned() for t in tensors)
+            pinned = tensors if on_host else _pinned_copy(tensors)
+            _point(entries, pinned)  # this block's device copy (if any) is freed here
+            self.host.append(pinned)
+        torch.cuda.empty_cache()
+        # Slots: one GPU tensor per (entry position, shape, dtype); blocks with and without audio
+        # injectors differ. An OOM here leaves the weights on the host, where a retry adopts them.
+        self.slots: list[dict[tuple, torch.Tensor]] = [{}, {}]
+        for host in self.host:
+            for j, tensor in enumerate(host):
                 for slot in self.slots:
                     key = (j, tuple(tensor.shape), tensor.dtype)
                     if key not in slot:
                         slot[key] = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
-        self.host = [_pinned_copy([getattr(m, n) for m, _, n in entries]) for entries in self.entries]
-        for entries, pinned in zip(self.entries, self.host, strict=True):
-            _point(entries, pinned)
-        torch.cuda.empty_cache()
         self.owner: list[int | None] = [None, None]
         self.ready: list[torch.cuda.Event | None] = [None, None]
         self.current: int | None = None
@@ -253,15 +292,28 @@ class BlockWeightOffload:
             done.record(self.stream)
         self.owner[slot], self.ready[slot] = i, done
 
-    def remove(self) -> None:
-        """Undo: weights back on the GPU as ordinary tensors, hooks removed."""
+    def remove(self, to_device: bool = True) -> None:
+        """Undo the streaming: hooks removed, slots freed. `to_device`: the weights become ordinary
+        device tensors again (all copied before any is switched, so an OOM leaves the streaming in
+        place); otherwise they stay in host memory (to be converted, or adopted by a new offload)."""
         torch.cuda.synchronize(self.device)
+        if to_device:
+            placed = [[t.to(self.device) for t in pinned] for pinned in self.host]
+        else:
+            placed = self.host
         for hook in self.hooks:
             hook.remove()
-        for entries, pinned in zip(self.entries, self.host, strict=True):
-            _point(entries, [t.to(self.device) for t in pinned])
+        for entries, tensors in zip(self.entries, placed, strict=True):
+            _point(entries, tensors)
         self.slots = [{}, {}]
         self.host = []
+
+
+def blocks_on_host(model: nn.Module) -> bool:
+    """Whether the DiT's block weights live in host memory (loaded or left there for streaming)."""
+    return next(model.blocks[0].parameters()).device.type == "cpu" and (
+        next(model.parameters()).device.type != "cpu"
+    )
 
 
 def _resident_hook(offload: BlockWeightOffload, i: int) -> Callable:
@@ -271,20 +323,27 @@ def _resident_hook(offload: BlockWeightOffload, i: int) -> Callable:
     return hook
 
 
-def _pinned_copy(tensors: list[torch.Tensor], pin: bool = True) -> list[torch.Tensor]:
-    """Copies of `tensors` in one pinned host buffer (one allocation per block: pinned allocations are
-    rounded up to powers of two, so one per tensor would waste up to half the memory)."""
+def pinned_buffer_views(tensors: list[torch.Tensor], pin: bool = True) -> list[torch.Tensor]:
+    """Uninitialised host tensors shaped like `tensors` (any device, meta too), views of one (pinned)
+    buffer: pinned allocations are rounded up to powers of two, so one per tensor would waste up to
+    half the memory."""
     align = 64
     offsets, total = [], 0
     for t in tensors:
         offsets.append(total)
         total += -(-t.numel() * t.element_size() // align) * align
     buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-    copies = []
-    for t, offset in zip(tensors, offsets, strict=True):
-        view = buffer[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+    return [
+        buffer[offset : offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        for t, offset in zip(tensors, offsets, strict=True)
+    ]
+
+
+def _pinned_copy(tensors: list[torch.Tensor], pin: bool = True) -> list[torch.Tensor]:
+    """Copies of `tensors` in one pinned host buffer (`pinned_buffer_views`)."""
+    copies = pinned_buffer_views(tensors, pin)
+    for view, t in zip(copies, tensors, strict=True):
         view.copy_(t)
-        copies.append(view)
     return copies
 
 
@@ -423,6 +482,9 @@ __all__ = [
     "apply_compile",
     "compile_problem",
     "apply_fp8",
+    "blocks_on_host",
+    "pinned_buffer_views",
+    "quantise_weight",
     "remove_compile",
     "fp8_linear_names",
     "fp8_problem",

@@ -2,10 +2,13 @@
 
 Official layout (`Wan2.2-S2V-14B/`): `config.json`, `diffusion_pytorch_model.safetensors.index.json`
 and the shards it names (`diffusion_pytorch_model-0000{1..4}-of-00004.safetensors`, 1260 tensors).
-The model is built on the meta device, allocated once on the target device, and filled tensor by
-tensor straight from the shards (host memory holds one tensor at a time). LoRA deltas are merged in
-float32 into each adapted weight as it streams by, before any cast to the target dtype (and so before
-any fp8 conversion, which is applied to the loaded model from outside).
+The model is built on the meta device, allocated where its `Placement` says (on the device, or the
+blocks in pinned host memory for weight streaming; the blocks' linears directly as fp8 buffers when
+fp8 is asked for) and filled tensor by tensor straight from the shards: each tensor is read, merged
+with its LoRA delta in float32, cast to its final dtype (quantised to e4m3 with its per-tensor scale for
+an fp8 linear) and copied into place before the next one is read, so at most one tensor's transient
+copies exist beyond the model. `random_init` fills the same placed model from a seeded generator, one
+tensor at a time, with the values a plain bf16 model would get.
 
 Name mapping (official -> ours), complete and checked both ways at load:
 
@@ -24,12 +27,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from .backends import Fp8Linear, fp8_linear_names, pinned_buffer_views, quantise_weight
 from .config import CheckpointError, DiTConfig, LoraConfig
 from .dit import FLOAT32_MODULES, LiveAvatarDiT
 from .lora import merge_lora, read_lora_file
@@ -100,40 +106,117 @@ def official_state_dict(model: LiveAvatarDiT) -> dict[str, torch.Tensor]:
 # --- building ------------------------------------------------------------------------------------
 
 
-def build_empty(config: DiTConfig, device: torch.device | str, dtype: torch.dtype) -> LiveAvatarDiT:
-    """Allocate the model on `device` without initialising it (built on meta: no host copy)."""
+@dataclass(frozen=True)
+class Placement:
+    """Where the loaded DiT's weights live and in what form.
+
+    `device`: the compute device (non-block weights, and the blocks unless `blocks_on_host`).
+    `fp8`: the blocks' linears are `Fp8Linear` buffers, quantised per tensor as they load.
+    `blocks_on_host`: the blocks' weights in host memory (pinned where CUDA is present), one buffer per
+    block, never on the device: what weight streaming (`BlockWeightOffload`) reads from."""
+
+    device: torch.device
+    dtype: torch.dtype
+    fp8: bool = False
+    blocks_on_host: bool = False
+
+    @property
+    def work_device(self) -> torch.device:
+        """Where per-tensor work (LoRA merge, quantisation, random draws) runs: the compute device,
+        or the host when that is the meta device (placement tests)."""
+        return torch.device("cpu") if self.device.type == "meta" else self.device
+
+
+def _plain_meta(config: DiTConfig, dtype: torch.dtype) -> LiveAvatarDiT:
     with torch.device("meta"):
         model = LiveAvatarDiT(config)
     model.to(dtype)
     for prefix in FLOAT32_MODULES:
         model.get_submodule(prefix).float()
-    model.to_empty(device=device)
-    model.requires_grad_(False)
-    return model.eval()
+    return model.requires_grad_(False).eval()
+
+
+def build_placed(config: DiTConfig, placement: Placement) -> LiveAvatarDiT:
+    """The model with uninitialised weights allocated where `placement` says (built on meta first)."""
+    model = _plain_meta(config, placement.dtype)
+    if placement.fp8:
+        for name in fp8_linear_names(model):
+            parent, _, child = name.rpartition(".")
+            setattr(
+                model.get_submodule(parent),
+                child,
+                Fp8Linear.empty_like(getattr(model.get_submodule(parent), child)),
+            )
+    for name, child in model.named_children():
+        if name != "blocks":
+            child.to_empty(device=placement.device)
+    for block in model.blocks:
+        if placement.blocks_on_host:
+            tensors = [t for t in [*block.parameters(), *block.buffers()]]
+            views = pinned_buffer_views(tensors, pin=torch.cuda.is_available())
+            _assign(block, views)
+        else:
+            block.to_empty(device=placement.device)
+    return model
+
+
+def _assign(module: torch.nn.Module, tensors: list[torch.Tensor]) -> None:
+    """Point `module`'s parameters and buffers (in `parameters(), buffers()` order) at `tensors`."""
+    slots = [(m, n, True) for m in module.modules() for n, p in m._parameters.items() if p is not None]
+    slots += [(m, n, False) for m in module.modules() for n, b in m._buffers.items() if b is not None]
+    for (m, n, is_param), t in zip(slots, tensors, strict=True):
+        if is_param:
+            m._parameters[n] = torch.nn.Parameter(t, requires_grad=False)
+        else:
+            m._buffers[n] = t
+
+
+def build_empty(config: DiTConfig, device: torch.device | str, dtype: torch.dtype) -> LiveAvatarDiT:
+    """Allocate the plain model on `device` without initialising it (built on meta: no host copy)."""
+    return build_placed(config, Placement(torch.device(device), dtype))
 
 
 def dit_parameter_bytes(config: DiTConfig, dtype: torch.dtype) -> int:
     """Bytes of the model's weights at `dtype` (float32 modules counted at 4 bytes)."""
-    with torch.device("meta"):
-        model = LiveAvatarDiT(config)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for name, p in model.named_parameters():
-        keep32 = any(name == m or name.startswith(m + ".") for m in FLOAT32_MODULES)
-        total += p.numel() * (4 if keep32 else itemsize)
-    return total
+    return sum(p.numel() * p.element_size() for p in _plain_meta(config, dtype).parameters())
+
+
+def put_tensor(model: LiveAvatarDiT, name: str, value: torch.Tensor, placement: Placement) -> None:
+    """Store one weight (our name, any dtype/device) in its final form and place: cast to the model's
+    dtype, quantised for an fp8 linear. Transient copies: this one tensor's."""
+    prefix, _, leaf = name.rpartition(".")
+    module = model.get_submodule(prefix)
+    if isinstance(module, Fp8Linear) and leaf == "weight":
+        work = value.to(placement.work_device, placement.dtype)  # the bf16 weight a plain load would hold
+        quantised, scale = quantise_weight(work)
+        module.weight.copy_(quantised)
+        module.weight_scale.copy_(scale)
+        return
+    getattr(module, leaf).copy_(value)
 
 
 def random_init(
-    config: DiTConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0
+    config: DiTConfig,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    seed: int = 0,
+    *,
+    fp8: bool = False,
+    blocks_on_host: bool = False,
 ) -> LiveAvatarDiT:
-    """The full model with seeded random weights made directly on `device` (benchmarks, capacity
-    planning, tiny test checkpoints). Never used as a fallback for a failed load."""
-    model = build_empty(config, device, dtype)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    """The full model with seeded random weights, drawn one tensor at a time on the device and stored
+    straight in its placement (benchmarks, capacity planning, tiny test checkpoints). The values do not
+    depend on the placement: each is drawn at `dtype` on the device, as a plain model's would be.
+    Never used as a fallback for a failed load."""
+    placement = Placement(torch.device(device), dtype, fp8=fp8, blocks_on_host=blocks_on_host)
+    model = build_placed(config, placement)
+    generator = torch.Generator(device=placement.work_device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            _init_parameter(name, p, generator)
+        for name, p in _plain_meta(config, dtype).named_parameters():
+            value = torch.empty(p.shape, dtype=p.dtype, device=placement.work_device)
+            _init_parameter(name, value, generator)
+            put_tensor(model, name, value, placement)
+            del value
     return model
 
 
@@ -187,8 +270,11 @@ def load_dit(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     lora: LoraConfig | None = None,
+    fp8: bool = False,
+    blocks_on_host: bool = False,
 ) -> LiveAvatarDiT:
-    """Load `checkpoint_dir` (official layout) with the LoRA at `lora_path` merged in (None: base model).
+    """Load `checkpoint_dir` (official layout) with the LoRA at `lora_path` merged in (None: base model),
+    each tensor straight into its `Placement` (fp8 / blocks on host: see the module docstring).
 
     Every index entry must map onto a parameter and every parameter must be in the index, with the
     same shape; otherwise CheckpointError names the first offending file and tensor.
@@ -203,48 +289,63 @@ def load_dit(
                 str(checkpoint_dir / shard), "checkpoint shard not found (named in the index)"
             )
     lora_file = read_lora_file(lora_path, config, lora or LoraConfig()) if lora_path is not None else None
-
-    model = build_empty(config, device, dtype)
-    table = name_table(model)
+    plain = _plain_meta(config, dtype)
+    table = name_table(plain)
     _check_names(weight_map, table, checkpoint_dir)
-    params = dict(model.named_parameters())
+    shapes = {name: (tuple(p.shape), p.dtype) for name, p in plain.named_parameters()}
+    del plain
+    placement = Placement(torch.device(device), dtype, fp8=fp8, blocks_on_host=blocks_on_host)
+    model = build_placed(config, placement)
     lora_keys = {f"{m}.weight": pair for m, pair in lora_file.keys.items()} if lora_file else {}
 
     with ExitStack() as stack, torch.no_grad():
         lora_reader = (
             stack.enter_context(safe_open(str(lora_file.path), "pt", device="cpu")) if lora_file else None
         )
-        for shard in shards:
-            path = checkpoint_dir / shard
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                present = set(f.keys())
-                listed = sorted(k for k, s in weight_map.items() if s == shard)
-                stray = sorted(present - set(listed))
-                if stray:
-                    raise CheckpointError(str(path), "tensor in the shard but not in the index", stray[0])
-                for key in listed:
-                    if key not in present:
-                        raise CheckpointError(
-                            str(path), "tensor named in the index is absent from the shard", key
-                        )
-                    param = params[table[key]]
-                    shape = tuple(f.get_slice(key).get_shape())
-                    if shape != tuple(param.shape):
-                        raise CheckpointError(
-                            str(path),
-                            f"shape {list(shape)} does not match the model's {list(param.shape)}",
-                            key,
-                        )
-                    tensor = f.get_tensor(key)
-                    if key in lora_keys:
-                        a_key, b_key = lora_keys[key]
-                        a, b = lora_reader.get_tensor(a_key), lora_reader.get_tensor(b_key)
-                        if a.shape[1] != shape[1] or b.shape[0] != shape[0]:
-                            raise CheckpointError(
-                                str(lora_file.path),
-                                f"LoRA A {list(a.shape)} / B {list(b.shape)} do not fit {list(shape)}",
-                                a_key,
-                            )
-                        tensor = merge_lora(tensor.to(param.device), a, b, lora_file.scale, param.dtype)
-                    param.copy_(tensor)
+        for key, tensor in _shard_tensors(checkpoint_dir, shards, weight_map, shapes, table):
+            ours = table[key]
+            if key in lora_keys:
+                a_key, b_key = lora_keys[key]
+                a, b = lora_reader.get_tensor(a_key), lora_reader.get_tensor(b_key)
+                shape = tuple(tensor.shape)
+                if a.shape[1] != shape[1] or b.shape[0] != shape[0]:
+                    raise CheckpointError(
+                        str(lora_file.path),
+                        f"LoRA A {list(a.shape)} / B {list(b.shape)} do not fit {list(shape)}",
+                        a_key,
+                    )
+                tensor = merge_lora(tensor.to(placement.work_device), a, b, lora_file.scale, shapes[ours][1])
+            put_tensor(model, ours, tensor, placement)
+            del tensor
     return model
+
+
+def _shard_tensors(
+    checkpoint_dir: Path,
+    shards: list[str],
+    weight_map: dict[str, str],
+    shapes: dict[str, tuple],
+    table: dict[str, str],
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(official name, tensor read from the file) one at a time, checked against the index and
+    the model's shapes."""
+    for shard in shards:
+        path = checkpoint_dir / shard
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            present = set(f.keys())
+            listed = sorted(k for k, s in weight_map.items() if s == shard)
+            stray = sorted(present - set(listed))
+            if stray:
+                raise CheckpointError(str(path), "tensor in the shard but not in the index", stray[0])
+            for key in listed:
+                if key not in present:
+                    raise CheckpointError(
+                        str(path), "tensor named in the index is absent from the shard", key
+                    )
+                shape = tuple(f.get_slice(key).get_shape())
+                want = shapes[table[key]][0]
+                if shape != want:
+                    raise CheckpointError(
+                        str(path), f"shape {list(shape)} does not match the model's {list(want)}", key
+                    )
+                yield key, f.get_tensor(key)

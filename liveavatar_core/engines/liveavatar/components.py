@@ -12,14 +12,16 @@ Official layout under `checkpoint_dir` (as the reference README downloads it):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .audio_features import AudioFeatureExtractor
-from .checkpoint import CONFIG_NAME, INDEX_NAME, LORA_NAME, load_dit, random_init
+from .checkpoint import CONFIG_NAME, INDEX_NAME, LORA_NAME, Placement, build_empty, load_dit, random_init
 from .config import CheckpointError, DiTConfig
 from .dit import LiveAvatarDiT
 from .text_encoder import TextEncoder, TextEncoderConfig, clean_prompt, load_umt5_encoder
@@ -32,6 +34,13 @@ from .tiny_encoders import (
     tiny_wav2vec2_config,
 )
 from .vae import WanVideoVAE
+
+if TYPE_CHECKING:
+    from .memory import ModelSizes
+
+# Chooses the DiT's placement once the encoders are loaded and every model's size is known.
+PlacementChoice = Callable[[DiTConfig, "ModelSizes"], Placement]
+RANDOM_CHUNK_ELEMENTS = 1 << 26  # random draws of larger tensors go row-chunk by row-chunk (256 MB)
 
 WAN_DIR = "Wan2.2-S2V-14B"
 LORA_DIR = "LiveAvatar"
@@ -89,37 +98,68 @@ class CheckpointLayout:
 
 @dataclass
 class Components:
-    """The loaded models. The DiT and VAE live on the engine's device; encoders move as placed."""
+    """The loaded models. The DiT lives as its `placement` says, the VAE on the engine's device, the
+    encoders in host memory (they visit the device as the config places them)."""
 
     dit: LiveAvatarDiT
     vae: WanVideoVAE
     text: TextEncoder
     audio: AudioFeatureExtractor
     weights: str  # "checkpoint" or "random"
+    sizes: ModelSizes  # of the plain models (bf16 DiT), before fp8 or offload
+    placement: Placement
 
     def encoders(self) -> list:
         return [self.text, self.audio]
 
 
-def load_components(layout: CheckpointLayout, device: torch.device, dtype: torch.dtype) -> Components:
-    """The official checkpoints: DiT with the LoRA merged while streaming, encoders, VAE."""
+def load_components(
+    layout: CheckpointLayout, device: torch.device, dtype: torch.dtype, choose: PlacementChoice | None = None
+) -> Components:
+    """The official checkpoints. The VAE is cast on the host and then moved to `device`; umT5 (the
+    memory-mapped file) and wav2vec2 stay on the host in `dtype`; then the DiT streams in with the LoRA
+    merged, straight into the placement `choose` picks from the models' sizes (default: all on
+    `device`, plain). No float32 copy of any model reaches the device."""
     layout.check()
-    dit = load_dit(layout.wan, layout.lora, device=device, dtype=dtype)
-    vae = WanVideoVAE.load(layout.vae).to(device, dtype)
-    model, config = load_umt5_encoder(layout.text_encoder)
+    config = DiTConfig.from_json_file(layout.wan / CONFIG_NAME)
+    vae = WanVideoVAE.load(layout.vae).to(dtype=dtype).to(device)
+    model, text_config = load_umt5_encoder(layout.text_encoder)
     text = TextEncoder(
-        model.to(dtype), load_tokenizer(layout.tokenizer), config, text_len=dit.config.text_len
+        model.to(dtype), load_tokenizer(layout.tokenizer), text_config, text_len=config.text_len
     )
     audio = AudioFeatureExtractor.load(layout.wav2vec2).to(dtype=dtype)
-    _check_fit(dit.config, text, audio, str(layout.wan))
-    return Components(dit, vae, text, audio, weights="checkpoint")
+    _check_fit(config, text, audio, str(layout.wan))
+    sizes, placement = _place(config, device, dtype, text, audio, vae, choose)
+    dit = load_dit(
+        layout.wan,
+        layout.lora,
+        device=device,
+        dtype=dtype,
+        fp8=placement.fp8,
+        blocks_on_host=placement.blocks_on_host,
+    )
+    return Components(dit, vae, text, audio, "checkpoint", sizes, placement)
+
+
+def _place(config, device, dtype, text, audio, vae, choose):
+    from .memory import ModelSizes
+
+    sizes = ModelSizes.from_models(build_empty(config, "meta", dtype), text.model, audio.model, vae.model)
+    return sizes, (choose(config, sizes) if choose is not None else Placement(torch.device(device), dtype))
 
 
 def random_components(
-    device: torch.device, dtype: torch.dtype, seed: int = 0, *, tiny: bool = False
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    *,
+    tiny: bool = False,
+    choose: PlacementChoice | None = None,
 ) -> Components:
-    """Seeded random weights made on `device`: the official architectures at full size, or (`tiny`) the
-    test-sized ones (DiT `DiTConfig.tiny`, VAE base width 8, 2-layer umT5 and wav2vec2).
+    """Seeded random weights: the official architectures at full size, or (`tiny`) the test-sized ones
+    (DiT `DiTConfig.tiny`, VAE base width 8, 2-layer umT5 and wav2vec2). Each tensor is drawn on
+    `device` and stored at once in its final dtype and place: the VAE on `device`, the encoders on the
+    host, the DiT where `choose` says (`checkpoint.random_init`).
 
     Text goes through a deterministic word-hash tokenizer (no vocabulary ships with random weights)."""
     from diffusers import AutoencoderKLWan
@@ -143,15 +183,15 @@ def random_components(
     else:
         config, text_config, vae_width = DiTConfig(), TextEncoderConfig(), 96
         audio_config = _xlsr53_config(Wav2Vec2Config, config)
-    dit = random_init(config, device, dtype, seed=seed)
     with torch.device("meta"):
         vae_model = AutoencoderKLWan(base_dim=vae_width, z_dim=16)
         text_model = UMT5EncoderModel(text_config.to_hf())
         audio_model = Wav2Vec2Model(audio_config)
-    for i, module in enumerate((vae_model, text_model, audio_model)):
-        module.to_empty(device=device)
-        random_fill(module, seed + 1 + i)
-        module.to(dtype).eval().requires_grad_(False)
+    homes = (device, "cpu", "cpu")
+    for i, (module, home) in enumerate(zip((vae_model, text_model, audio_model), homes, strict=True)):
+        module.to(dtype).to_empty(device=home)
+        random_fill(module, seed + 1 + i, work_device=device)
+        module.eval().requires_grad_(False)
     text_model.encoder.embed_tokens = text_model.shared
     vae = WanVideoVAE(vae_model)
     text = TextEncoder(
@@ -159,7 +199,11 @@ def random_components(
     )
     audio = AudioFeatureExtractor(audio_model)
     _check_fit(config, text, audio, "random weights")
-    return Components(dit, vae, text, audio, weights="random")
+    sizes, placement = _place(config, device, dtype, text, audio, vae, choose)
+    dit = random_init(
+        config, device, dtype, seed=seed, fp8=placement.fp8, blocks_on_host=placement.blocks_on_host
+    )
+    return Components(dit, vae, text, audio, "random", sizes, placement)
 
 
 def _xlsr53_config(config_cls, dit_config: DiTConfig):
@@ -180,19 +224,27 @@ def _xlsr53_config(config_cls, dit_config: DiTConfig):
     )
 
 
-def random_fill(module: nn.Module, seed: int) -> None:
-    """Seeded weights that keep activations near unit scale: norms ~1, biases ~0, others N(0, 1/fan_in)."""
-    device = next(module.parameters()).device
+def random_fill(module: nn.Module, seed: int, work_device: torch.device | str | None = None) -> None:
+    """Seeded weights that keep activations near unit scale: norms ~1, biases ~0, others N(0, 1/fan_in).
+
+    Drawn in float32 on `work_device` (default: where the module is), row chunk by row chunk for large
+    tensors, and cast into each parameter in place: one chunk is the only transient."""
+    device = torch.device(work_device or next(module.parameters()).device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            if p.ndim <= 1 and re.search(r"norm|gamma|scale", name) or name.endswith("gamma"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=generator, device=device))
-            elif p.ndim <= 1:
-                p.normal_(0.0, 0.02, generator=generator)
-            else:
-                fan_in = max(1, p[0].numel())
-                p.normal_(0.0, fan_in**-0.5, generator=generator)
+            norm = p.ndim <= 1 and re.search(r"norm|gamma|scale", name) or name.endswith("gamma")
+            rows = max(1, RANDOM_CHUNK_ELEMENTS // max(1, p[0].numel())) if p.ndim else 1
+            for start in range(0, p.shape[0] if p.ndim else 1, rows):
+                target = p[start : start + rows] if p.ndim else p
+                if norm:
+                    draw = 1.0 + 0.1 * torch.randn(target.shape, generator=generator, device=device)
+                else:
+                    draw = torch.empty(target.shape, dtype=torch.float32, device=device)
+                    std = 0.02 if p.ndim <= 1 else max(1, p[0].numel()) ** -0.5
+                    draw.normal_(0.0, std, generator=generator)
+                target.copy_(draw)
+                del draw
         for b in module.buffers():
             if b.is_floating_point():
                 b.zero_()

@@ -6,6 +6,12 @@ the umT5 text encoder, wav2vec2 and the Wan2.1 VAE. `generate(request, sink)` ru
 and returns the handoff bytes the next segment continues from (`handoff`). `estimate_memory` and
 `ladder` come from `memory` and `rungs`. A CUDA out-of-memory error frees what the attempt allocated
 and becomes our `OutOfMemory`, so the ladder can retry on the next rung with the model still loaded.
+
+Memory: with a `memory_budget_bytes`, the process's CUDA allocator is capped at the budget before
+anything loads (`memory.cap_device_memory`), and the weights load straight into the placement of the
+first rung of `prepare_for`'s ladder whose estimate fits (fp8 linears, blocks in host memory for
+weight streaming): loading never needs more than the segment it prepares for. A request's own budget
+caps the allocator for that segment.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from .backends import (
     HostRing,
     apply_compile,
     apply_fp8,
+    blocks_on_host,
     compile_problem,
     fp8_problem,
     is_fp8,
@@ -38,7 +45,7 @@ from .backends import (
     remove_compile,
     require,
 )
-from .checkpoint import load_dit, random_init
+from .checkpoint import Placement, load_dit, random_init
 from .components import (
     CheckpointLayout,
     load_components,
@@ -48,7 +55,7 @@ from .config import DiTConfig
 from .dit import TextContext
 from .handoff import Handoff
 from .kv_cache import CondKVCache
-from .memory import ModelSizes, estimate_memory
+from .memory import ModelSizes, cap_device_memory, estimate_memory
 from .pipeline import (
     Caches,
     FeatureStream,
@@ -81,18 +88,31 @@ class LiveAvatarEngine(Engine):
         seed: int = 0,
         tiny: bool = False,
         settings: StreamSettings | None = None,
+        memory_budget_bytes: int | None = None,
+        prepare_for: GenerationConfig | None = None,
     ):
         """Load every model once. `random_weights` builds full-size (with `tiny`: test-size) seeded random
-        weights instead of reading a checkpoint: for benchmarks and capacity planning, never a fallback."""
+        weights instead of reading a checkpoint: for benchmarks and capacity planning, never a fallback.
+
+        `memory_budget_bytes` caps this process's device memory from now on (None: the whole device);
+        `prepare_for` (default: `default_config()`) is the config the weights are placed for: its first
+        rung that fits the budget decides fp8 and weight streaming at load."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.settings = settings or StreamSettings()
         self.seed = seed
+        self.memory_budget_bytes = memory_budget_bytes
+        cap_device_memory(self.device, memory_budget_bytes)
+        self._fp8_probe()  # before any weight is resident: the verdict is about the GPU, not its memory
+        # Set by the placement choice, once the encoders are loaded and every model's size is known.
+        self.dit_config: DiTConfig | None = None
+        self.sizes: ModelSizes | None = None
+        self.prepare_for = prepare_for or self.default_config()
         if random_weights:
             self.layout = None
-            self.parts = random_components(self.device, self.dtype, seed, tiny=tiny)
+            self.parts = random_components(self.device, self.dtype, seed, tiny=tiny, choose=self._placement)
         elif checkpoint_dir is None:
             raise InputError(
                 "--checkpoint-dir",
@@ -101,16 +121,15 @@ class LiveAvatarEngine(Engine):
             )
         else:
             self.layout = CheckpointLayout(Path(checkpoint_dir))
-            self.parts = load_components(self.layout, self.device, self.dtype)
+            self.parts = load_components(self.layout, self.device, self.dtype, choose=self._placement)
         dit = self.parts.dit
-        self.sizes = ModelSizes.from_models(
-            dit, self.parts.text.model, self.parts.audio.model, self.parts.vae.model
-        )
         self.signature = _signature(dit.config, self.parts.weights)
         for encoder in self.parts.encoders():
             encoder.to("cpu")
         self._encoders_resident: bool | None = False
         self._weight_offload: BlockWeightOffload | None = None
+        if blocks_on_host(dit) and self.device.type == "cuda":
+            self._weight_offload = BlockWeightOffload(dit, self.device)  # adopts the host weights
         self._text: tuple[str, TextContext] | None = None
         self._portraits: OrderedDict[tuple, PortraitState] = OrderedDict()
         self._host_rings: dict[tuple, list[WindowRing]] = {}
@@ -121,19 +140,47 @@ class LiveAvatarEngine(Engine):
         return GenerationConfig()
 
     def estimate_memory(self, config: GenerationConfig) -> int:
-        return estimate_memory(config, self.parts.dit.config, self.sizes, self.dtype).total
+        return estimate_memory(config, self.dit_config, self.sizes, self.dtype).total
 
     def memory_parts(self, config: GenerationConfig) -> dict[str, int]:
         """The estimate by part (for reports and the benchmark)."""
-        return estimate_memory(config, self.parts.dit.config, self.sizes, self.dtype).parts
+        return estimate_memory(config, self.dit_config, self.sizes, self.dtype).parts
 
     def ladder(self, config: GenerationConfig) -> list[Rung]:
         return degrade_ladder(
             config,
-            fp8_available=fp8_problem(self.device) is None,
+            fp8_available=self._fp8_probe(),
             offload_available=offload_problem(self.device) is None,
             estimate=self.estimate_memory,
         )
+
+    def _fp8_probe(self) -> bool:
+        """Whether fp8 may run here. A probe that ran out of memory leaves the question open: the rung
+        stays on the ladder and its attempt probes again (an OOM there is that rung's OutOfMemory)."""
+        try:
+            return fp8_problem(self.device) is None
+        except OutOfMemory:
+            return True
+
+    def budget(self, request_budget: int | None = None) -> int | None:
+        """The device memory a segment may use: the request's budget, else the engine's, else the
+        device's free memory (None off CUDA)."""
+        if request_budget is not None or self.memory_budget_bytes is not None:
+            return request_budget if request_budget is not None else self.memory_budget_bytes
+        return self._device_capacity()
+
+    def _placement(self, config: DiTConfig, sizes: ModelSizes) -> Placement:
+        """Where the DiT loads: as the first rung of `prepare_for`'s ladder whose estimate fits the
+        budget wants it (the last rung's placement if none fits: loading then fails honestly, or the
+        smallest segment does)."""
+        self.dit_config, self.sizes = config, sizes
+        budget = self.budget()
+        rungs = self.ladder(self.prepare_for)
+        fits = [r for r in rungs if budget is None or self.estimate_memory(r.config) <= budget]
+        chosen = (fits or rungs[-1:])[0].config
+        streamed = chosen.offload_weights and offload_problem(self.device) is None
+        fp8 = chosen.fp8 and self._fp8_probe()
+        return Placement(self.device, self.dtype, fp8=fp8, blocks_on_host=streamed)
 
     def close(self) -> None:
         if self._weight_offload is not None:
@@ -152,11 +199,13 @@ class LiveAvatarEngine(Engine):
         config = request.config
         self._check_config(config)
         estimate = self.estimate_memory(config)
-        capacity = self._device_capacity()
-        if capacity is not None and request.memory_budget_bytes is None and estimate > capacity:
+        # The budget is a limit, not a number: the allocator is capped at it for this segment.
+        cap_device_memory(self.device, request.memory_budget_bytes or self.memory_budget_bytes)
+        capacity = self.budget(request.memory_budget_bytes)
+        if capacity is not None and estimate > capacity:
             raise OutOfMemory(
                 f"{self.name} at {config.size}, {config.steps} steps needs about {estimate / GiB:.1f} GiB, "
-                f"more than this GPU's {capacity / GiB:.1f} GiB",
+                f"more than the {capacity / GiB:.1f} GiB this GPU allows it",
                 needed_bytes=estimate,
                 budget_bytes=capacity,
             )
@@ -247,18 +296,25 @@ class LiveAvatarEngine(Engine):
         if config.offload_weights or config.offload_kv_cache:
             require("offload", offload_problem(self.device))
         if config.fp8:
-            require("fp8", fp8_problem(self.device))
+            require("fp8", fp8_problem(self.device))  # an OOM in the probe is this attempt's OutOfMemory
+        if self.parts.dit is None:  # a reload an OOM interrupted: load again, placed for this config
+            self._reload_dit(config)
         dit = self.parts.dit
+        # Weights never come to the device unless this config keeps them there: leaving streaming for
+        # an fp8 change keeps them on the host (quantised there, then streamed again).
         if self._weight_offload is not None and (not config.offload_weights or config.fp8 != is_fp8(dit)):
-            self._weight_offload.remove()
+            self._weight_offload.remove(to_device=not config.offload_weights)
             self._weight_offload = None
         if config.fp8 and not is_fp8(dit):
-            apply_fp8(dit)
+            apply_fp8(dit, self.device)
         elif not config.fp8 and is_fp8(dit):
-            self._reload_dit()
+            self._reload_dit(config)
             dit = self.parts.dit
         if config.offload_weights and self._weight_offload is None:
             self._weight_offload = BlockWeightOffload(dit, self.device)
+        elif not config.offload_weights and blocks_on_host(dit):
+            offload = BlockWeightOffload(dit, self.device)  # adopts the host weights, then places
+            offload.remove(to_device=True)  # them on the device, all or none
         # After fp8, whose new linears start with eager chains.
         if self._compiles(config):
             apply_compile(dit)
@@ -286,18 +342,32 @@ class LiveAvatarEngine(Engine):
             return config.compile
         return self.device.type == "cuda" and compile_problem() is None
 
-    def _reload_dit(self) -> None:
-        """Back from fp8 to the model dtype: the bf16 weights are gone, so read them again."""
-        config = self.parts.dit.config
+    def _reload_dit(self, config: GenerationConfig) -> None:
+        """Back from fp8 to the model dtype: the bf16 weights are gone, so read them again, placed as
+        `config` wants (blocks on the host for weight streaming). If this runs out of memory the DiT
+        stays unloaded and the next attempt loads it for its own config."""
         self.parts.dit = None  # type: ignore[assignment]
+        self._weight_offload = None
+        self._text = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        host = config.offload_weights and offload_problem(self.device) is None
+        fp8 = config.fp8 and self._fp8_probe()
         if self.layout is None:
-            self.parts.dit = random_init(config, self.device, self.dtype, seed=self.seed)
+            dit = random_init(
+                self.dit_config, self.device, self.dtype, seed=self.seed, fp8=fp8, blocks_on_host=host
+            )
         else:
-            self.parts.dit = load_dit(self.layout.wan, self.layout.lora, device=self.device, dtype=self.dtype)
-        self._text = None
+            dit = load_dit(
+                self.layout.wan,
+                self.layout.lora,
+                device=self.device,
+                dtype=self.dtype,
+                fp8=fp8,
+                blocks_on_host=host,
+            )
+        self.parts.dit = dit
 
     @contextmanager
     def _on_device(self, encoder, config: GenerationConfig) -> Iterator[None]:

@@ -92,4 +92,4 @@ def merge_lora(
     dtype = torch.promote_types(dtype, torch.float32)
     a = a.to(weight.device, dtype)
     b = b.to(weight.device, dtype)
-    return weight.to(dtype).addmm(b, a, alpha=scale)
+    return weight.to(dtype, copy=True).addmm_(b, a, alpha=scale)  # one float32 copy of W, no second

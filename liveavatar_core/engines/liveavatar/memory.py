@@ -11,9 +11,16 @@ The block loop is the peak phase. What is resident then:
 | the prompt's cross-attention K/V (all layers, 512 tokens) | 0.4 GB |
 | cond (sink) cache: 2.5·fsl tokens x layers x (k, v) | 2.2 GB |
 | step rings: steps x 9 latent frames x fsl x layers x (k, v), or 2 prefetched layers if offloaded | 31.1 GB |
-| transient: a block forward's activations, or one latent's VAE decode, whichever is larger | ~1-2 GB |
+| transient: a block forward's activations, one latent's VAE decode, or loading's one tensor | ~1-2 GB |
 
-Before the loop, the portrait encode and the prompt encode have their own, smaller peaks. The activation
+Loading puts every weight straight where the first segment's rung wants it (`checkpoint.Placement`),
+one tensor at a time, so the loading peak is the weights plus one tensor's transient copies (the
+largest LoRA-merged weight in float32 plus its bf16 cast): below the loop's peak, and counted in the
+transient term so the estimate covers it. Before the loop, the portrait encode and the prompt encode
+have their own, smaller peaks.
+
+`cap_device_memory` makes a budget a hard limit of this process's CUDA allocator, so exceeding it is a
+real out-of-memory error, not a number compared with the estimate. The activation
 and decode terms are first-order models of what our code allocates; the GPU benchmark reports the
 estimate against the measured peak.
 """
@@ -142,6 +149,7 @@ def estimate_memory(
     parts["transient"] = max(
         block_activation_bytes(dit, fsl, cond_tokens, b),
         decode_workspace_bytes(config.height, config.width, b, sizes.vae_base_dim),
+        load_transient_bytes(dit, b),
     )
     return MemoryEstimate(parts)
 
@@ -166,6 +174,24 @@ def block_activation_bytes(dit: DiTConfig, fsl: int, cond_tokens: int, b: int) -
     return max(attention, ffn)
 
 
+def load_transient_bytes(dit: DiTConfig, b: int) -> int:
+    """Loading's transient beyond the weights: the largest LoRA-merged weight (the FFN's) in float32,
+    its cast to the model dtype, and (fp8) the float32 copy quantised in place."""
+    return dit.ffn_dim * dit.dim * (4 + b + 4)
+
+
+def cap_device_memory(device: torch.device, budget_bytes: int | None) -> float | None:
+    """Make `budget_bytes` the most this process's CUDA allocator may hold on `device` (None: the whole
+    device). Returns the fraction set, or None off CUDA (nothing to cap). Call it before loading: a
+    cap set after the weights are resident cannot move them."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = 1.0 if budget_bytes is None else min(1.0, budget_bytes / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return fraction
+
+
 def decode_workspace_bytes(height: int, width: int, b: int, base_dim: int = 96) -> int:
     """One latent through the VAE decoder: at full resolution, 4 frames of `base_dim` channels; a causal
     conv holds its input with 2 cached frames prepended, its output, and a float32 norm in between."""
@@ -175,6 +201,8 @@ def decode_workspace_bytes(height: int, width: int, b: int, base_dim: int = 96) 
 
 __all__ = [
     "MemoryEstimate",
+    "cap_device_memory",
+    "load_transient_bytes",
     "ModelSizes",
     "block_activation_bytes",
     "decode_workspace_bytes",
