@@ -39,6 +39,8 @@ class GenerationConfig:
     Speed/memory knobs (same pictures, slower or smaller): the offload flags and decode_chunk.
     fp8 changes numerics slightly (per-tensor scaled linears) and sits between the two groups.
     compile: run with compiled kernels (rounding-level differences); None lets the engine choose.
+    order: the denoising order, "block" (block after block) or "sweep" (step-major, layer-major: the
+    same pictures; with offload_weights each layer's weights cross to the device once per step sweep).
     """
 
     height: int = 704
@@ -49,6 +51,7 @@ class GenerationConfig:
     offload_kv_cache: bool = False
     offload_weights: bool = False
     compile: bool | None = None
+    order: Literal["block", "sweep"] = "block"
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return dataclasses.replace(self, **changes)

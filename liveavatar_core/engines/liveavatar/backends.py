@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -370,11 +371,13 @@ def _point(entries: list[tuple[nn.Module, str, str]], tensors: list[torch.Tensor
 
 
 class HostRing:
-    """A step's ring cache in pinned host memory, read one layer ahead on a side stream.
+    """A step's ring cache in pinned host memory, copied to the GPU on a side stream ahead of use.
 
-    Same interface as `RingKVCache` (what `LiveAvatarDiT.forward_block` calls): `context_ranges` starts
-    copying layer 0's context, each layer's second read starts the next layer's copy. Writes (the
-    block's new keys/values, 3 frames) go to host memory on the compute stream.
+    It is told what comes next, never guesses: in block order `forward_block` announces each layer's
+    reads (`prefetch`) one layer ahead; in sweep order the sweep opens one whole layer at a time
+    (`open_layer`, naming the layer it opens next), works on it on the GPU and closes it (the layer goes
+    back to host memory). Writes in block order (the block's new keys/values, 3 frames) go to host memory
+    on the compute stream.
     """
 
     def __init__(self, ring: RingKVCache, device: torch.device):
@@ -382,8 +385,7 @@ class HostRing:
         self.ring = ring
         self.device = device
         self.stream = torch.cuda.Stream(device)
-        self.ranges: tuple[list[range], list[range]] = ([], [])
-        self.pending: dict[tuple[int, int], tuple[list, list, torch.cuda.Event]] = {}
+        self.pending: dict[tuple, tuple[list, list, torch.cuda.Event]] = {}
 
     @property
     def tokens_per_frame(self) -> int:
@@ -408,44 +410,71 @@ class HostRing:
         self.ring.commit(frame_index, frames)
 
     def context_ranges(self, frame_index: int, frames: int) -> tuple[list[range], list[range]]:
-        self.ranges = self.ring.context_ranges(frame_index, frames)
-        self.pending.clear()
-        self._prefetch(0)
-        return self.ranges
+        return self.ring.context_ranges(frame_index, frames)
 
-    def _prefetch(self, layer: int) -> None:
+    def context_plan(self, frame_indices: list[int], frames: int) -> list[tuple[list[range], list[range]]]:
+        return self.ring.context_plan(frame_indices, frames)
+
+    # ----- block order ----------------------------------------------------------------------------
+
+    def prefetch(self, layer: int, ranges: list[list[range]]) -> None:
+        """Start copying `layer`'s `ranges` (each list: one later `read`) to the GPU."""
         if layer >= self.ring.k.shape[0]:
             return
+        for part in ranges:
+            key = (layer, tuple(part))
+            if key not in self.pending:
+                self.pending[key] = self._copy_in(
+                    [self.ring.k[layer, :, r.start : r.stop] for r in part]
+                    + [self.ring.v[layer, :, r.start : r.stop] for r in part]
+                )
+
+    def read(self, layer: int, ranges: list[range], device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        entry = self.pending.pop((layer, tuple(ranges)), None)
+        if entry is None:  # not announced: a plain copy on the compute stream
+            return self.ring.read(layer, ranges, self.device)
+        tensors = self._arrived(entry)
+        return tensors[: len(ranges)], tensors[len(ranges) :]
+
+    def write(self, layer: int, frame_index: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.ring.write(layer, frame_index, k, v)
+
+    # ----- sweep order ----------------------------------------------------------------------------
+
+    def open_layer(self, layer: int, following: int | None) -> RingKVCache:
+        entry = self.pending.pop(("layer", layer), None)
+        if entry is None:
+            entry = self._copy_in([self.ring.k[layer : layer + 1], self.ring.v[layer : layer + 1]])
+        k, v = self._arrived(entry)
+        if following is not None and ("layer", following) not in self.pending:
+            self.pending[("layer", following)] = self._copy_in(
+                [self.ring.k[following : following + 1], self.ring.v[following : following + 1]]
+            )
+        return replace(self.ring, k=k, v=v)
+
+    def close_layer(self, layer: int, view: RingKVCache) -> None:
+        self.ring.k[layer : layer + 1].copy_(view.k, non_blocking=True)
+        self.ring.v[layer : layer + 1].copy_(view.v, non_blocking=True)
+
+    # ----- copies ---------------------------------------------------------------------------------
+
+    def _copy_in(self, sources: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event]:
         queued = torch.cuda.Event()  # host writes queued so far must land before we read
         queued.record(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(queued)
-            for part, ranges in enumerate(self.ranges):
-                ks = [
-                    self.ring.k[layer, :, r.start : r.stop].to(self.device, non_blocking=True) for r in ranges
-                ]
-                vs = [
-                    self.ring.v[layer, :, r.start : r.stop].to(self.device, non_blocking=True) for r in ranges
-                ]
-                done = torch.cuda.Event()
-                done.record(self.stream)
-                self.pending[(layer, part)] = (ks, vs, done)
+            copies = [t.to(self.device, non_blocking=True) for t in sources]
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return copies, done
 
-    def read(self, layer: int, ranges: list[range], device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        part = 0 if ranges == self.ranges[0] and (layer, 0) in self.pending else 1
-        if (layer, part) not in self.pending:  # an access pattern we did not foresee: plain copy
-            return self.ring.read(layer, ranges, self.device)
-        ks, vs, done = self.pending.pop((layer, part))
+    def _arrived(self, entry: tuple[list[torch.Tensor], torch.cuda.Event]) -> list[torch.Tensor]:
+        copies, done = entry
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(done)
-        for t in (*ks, *vs):
+        for t in copies:
             t.record_stream(compute)  # allocated on the side stream, used (and freed) on this one
-        if part == 1:
-            self._prefetch(layer + 1)
-        return ks, vs
-
-    def write(self, layer: int, frame_index: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.ring.write(layer, frame_index, k, v)
+        return copies
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ Per job the pipeline calls, in this order:
    `encode_audio(features)` once, then for each denoising step i:
    `forward_block(noisy, t_i, frame_index=…, sink_distance=…, …, ring_cache=rings[i])` -> flow
    prediction; it also writes the block's K/V into step i's ring cache (`write_cache=True`).
+   Or, in sweep order, `forward_sweep` runs step i of many consecutive blocks layer by layer.
+   Which of the two runs, and when, is decided by `order.py`.
 
 Token layout: a latent [B, 16, F, H, W] becomes F·(H/2)·(W/2) tokens, frame-major. Every block is
 `x += gate·SelfAttn(mod(norm1 x)); x += CrossAttn(norm3 x, text); x += gate·FFN(mod(norm2 x))`, with
@@ -314,7 +316,9 @@ class LiveAvatarDiT(nn.Module):
         frames = inputs.grid[0]
         x = inputs.x
         before, after = ring_cache.context_ranges(frame_index, frames)
+        ring_cache.prefetch(0, [before, after])
         for i, block in enumerate(self.blocks):
+            ring_cache.prefetch(i + 1, [before, after])  # copied while this layer computes
             before_k, before_v = ring_cache.read(i, before, self.device)
             after_k, after_v = ring_cache.read(i, after, self.device)
             cond_k, cond_v = cond_cache.read(i, self.device)
@@ -325,6 +329,51 @@ class LiveAvatarDiT(nn.Module):
         if write_cache:
             ring_cache.commit(frame_index, frames)
         return self.finish_block(x, inputs)
+
+    @torch.no_grad()
+    def forward_sweep(
+        self,
+        noisy: Sequence[torch.Tensor],
+        timestep: torch.Tensor | float,
+        *,
+        frame_indices: Sequence[int],
+        sink_distances: Sequence[int],
+        text: TextContext,
+        audio: Sequence[AudioTokens],
+        cond_cache: CondKVCache,
+        ring_cache: RingKVCache,
+    ) -> list[torch.Tensor]:
+        """`forward_block` of consecutive blocks at one step, layer by layer: every block passes layer l
+        before any block enters layer l+1, so each layer's weights are used once per sweep (and, when
+        streamed, cross to the device once). Block j at layer l attends to what blocks j-3..j-1 wrote
+        into layer l of `ring_cache` (in this sweep, or before it), exactly as in block order; the blocks
+        are committed to the ring after the last layer. Returns each block's float32 flow prediction."""
+        inputs = [
+            self.prepare_block(x, timestep, f, d)
+            for x, f, d in zip(noisy, frame_indices, sink_distances, strict=True)
+        ]
+        frames = inputs[0].grid[0]
+        audio = [a.to(self.device, self.compute_dtype) for a in audio]
+        plan = ring_cache.context_plan(list(frame_indices), frames)
+        xs = [block_inputs.x for block_inputs in inputs]
+        layers = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            ring = ring_cache.open_layer(i, i + 1 if i + 1 < layers else None)
+            cond_k, cond_v = cond_cache.read(i, self.device)
+            for j, (block_inputs, (before, after)) in enumerate(zip(inputs, plan, strict=True)):
+                before_k, before_v = ring.read(0, before, self.device)
+                after_k, after_v = ring.read(0, after, self.device)
+                context = SelfContext(
+                    before_k, before_v, after_k, after_v, cond_k, cond_v, block_inputs.cond_rope
+                )
+                xs[j], k, v = block(
+                    xs[j], block_inputs.e0, block_inputs.rope, text.k[i], text.v[i], context, audio[j]
+                )
+                ring.write(0, frame_indices[j], k, v)
+            ring_cache.close_layer(i, ring)
+        for frame_index in frame_indices:
+            ring_cache.commit(frame_index, frames)
+        return [self.finish_block(x, block_inputs) for x, block_inputs in zip(xs, inputs, strict=True)]
 
     def prepare_block(
         self,

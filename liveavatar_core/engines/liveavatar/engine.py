@@ -12,6 +12,12 @@ anything loads (`memory.cap_device_memory`), and the weights load straight into 
 first rung of `prepare_for`'s ladder whose estimate fits (fp8 linears, blocks in host memory for
 weight streaming): loading never needs more than the segment it prepares for. A request's own budget
 caps the allocator for that segment.
+
+After a segment the engine keeps its step rings (where they were: on the device, or in host memory on
+the KV-offload rung) under the handoff's `state_id`. The next segment of the same lecture, if it comes
+to this engine with that handoff, continues from them exactly ("kept state"); otherwise they are
+dropped and the rings are rebuilt by replaying the handoff's last blocks ("replay", the approximate
+fallback). The result's details say which (`continuation`), and the manifest records it.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import gc
 import hashlib
 import json
 import traceback
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +64,7 @@ from .dit import TextContext
 from .handoff import Handoff
 from .kv_cache import CondKVCache
 from .memory import ModelSizes, cap_device_memory, estimate_memory
+from .order import make_order
 from .pipeline import (
     Caches,
     FeatureStream,
@@ -70,6 +79,15 @@ from .rungs import SIDE_MULTIPLE, degrade_ladder
 from .text_encoder import TEXT_LEN
 
 _PORTRAITS_KEPT = 2  # portrait states cached per engine (a worker serves one or two lectures at a time)
+
+
+@dataclass
+class KeptRings:
+    """The step rings a segment ended with, kept for the segment that continues its handoff."""
+
+    state_id: str
+    key: tuple  # (latent h, latent w, steps, rings on the host): what they fit
+    rings: list
 
 
 class LiveAvatarEngine(Engine):
@@ -133,6 +151,7 @@ class LiveAvatarEngine(Engine):
         self._text: tuple[str, TextContext] | None = None
         self._portraits: OrderedDict[tuple, PortraitState] = OrderedDict()
         self._host_rings: dict[tuple, list[WindowRing]] = {}
+        self._kept: KeptRings | None = None
 
     # ----- the Engine contract ------------------------------------------------------------------------
 
@@ -188,6 +207,7 @@ class LiveAvatarEngine(Engine):
         self._text = None
         self._portraits.clear()
         self._host_rings.clear()
+        self._kept = None
         self.parts = None  # type: ignore[assignment]
         gc.collect()
         if self.device.type == "cuda":
@@ -238,8 +258,9 @@ class LiveAvatarEngine(Engine):
         portrait = None
         if handoff is None:
             portrait = self._portrait(request.portrait, config, timings)
-        caches = self._caches(config, h, w)
+        caches, continuation = self._caches(config, h, w, handoff, replay)
         blocks = -(-request.num_frames // (dit.config.block_frames * 4))
+        order = make_order(config.order, self.settings.sweep_blocks)
         features = self._features(request, handoff, blocks * dit.config.block_frames * 4, config)
         run = SegmentRun(
             self.parts,
@@ -250,19 +271,24 @@ class LiveAvatarEngine(Engine):
             features=features,
             portrait=portrait,
             handoff=handoff,
-            replay=replay,
+            continuation=continuation,
             caches=caches,
+            order=order,
             model_signature=self.signature,
             timings=timings,
         )
         frames, state = run.run()
+        state = replace(state, state_id=uuid.uuid4().hex)
+        self._kept = KeptRings(state.state_id, _rings_key(config, h, w), caches.rings)
         payload = state.to_bytes()
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         details = {
             "weights": self.parts.weights,
             "blocks": blocks,
             "handoff_in": status,
-            "replayed_blocks": len(handoff.replay) if handoff is not None and replay else 0,
+            "continuation": continuation,
+            "order": order.name,
+            "replayed_blocks": len(handoff.replay) if continuation == "replay" else 0,
             "handoff_bytes": len(payload),
             "next_frame": state.next_frame,
             "timings": timings.as_dict(),
@@ -436,11 +462,34 @@ class LiveAvatarEngine(Engine):
             return state, f"continued without KV replay: {problem}", False
         return None, f"ignored (independent start): {problem}", False
 
-    def _caches(self, config: GenerationConfig, h: int, w: int) -> Caches:
-        """This attempt's cond cache and step rings (host rings are kept: pinning 40 GB is slow)."""
+    def _caches(
+        self, config: GenerationConfig, h: int, w: int, handoff: Handoff | None, rings_fit: bool
+    ) -> tuple[Caches, str]:
+        """This attempt's cond cache and step rings, and how the segment continues: "independent" (no
+        usable handoff), "no rings" (a handoff without its rings: another step count), "kept state"
+        (the rings `handoff` was made with, kept here) or "replay" (rings to be rebuilt from `handoff`).
+
+        Kept rings are taken out whatever happens: an attempt that fails leaves none behind half-written.
+        Host rings are allocated once and reused (pinning 40 GB is slow)."""
+        kept, self._kept = self._kept, None
         dit_cfg = self.parts.dit.config
         frames = ring_capacity_frames(dit_cfg)
         cond = CondKVCache.allocate(dit_cfg, 1, h, w, device=self.device, dtype=self.dtype)
+        if handoff is None:
+            continuation = "independent"
+        elif not rings_fit:
+            continuation = "no rings"
+        elif kept is not None and handoff.state_id == kept.state_id and kept.key == _rings_key(config, h, w):
+            return Caches(cond, kept.rings), "kept state"
+        else:
+            continuation = "replay"
+        del kept  # its device rings are free before new ones are allocated
+        return self._fresh_caches(config, h, w, cond, frames), continuation
+
+    def _fresh_caches(
+        self, config: GenerationConfig, h: int, w: int, cond: CondKVCache, frames: int
+    ) -> Caches:
+        dit_cfg = self.parts.dit.config
         if not config.offload_kv_cache:
             rings = [
                 WindowRing.allocate(
@@ -489,9 +538,14 @@ class LiveAvatarEngine(Engine):
         """After an OOM: drop the prompt's K/V (the next rung may place the encoders differently). The
         portrait states stay: they are a few latents on the device and the decoder cache on the host."""
         self._text = None
+        self._kept = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _rings_key(config: GenerationConfig, h: int, w: int) -> tuple:
+    return (h, w, config.steps, config.offload_kv_cache)
 
 
 def _signature(config: DiTConfig, weights: str) -> str:

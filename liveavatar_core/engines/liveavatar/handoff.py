@@ -15,6 +15,10 @@ What the generator carries from block to block, and how much of it travels:
 * the **VAE decoder's causal cache** (1.2 GB at 704x384) cannot travel either; it is a function of the
   last `decoder_context` latents the decoder saw (37.5 latents of temporal receptive field for Wan2.1:
   38), so those latents travel and the next segment re-primes a fresh decoder with them, exactly.
+* the **kept state**: the worker that made this state keeps the four rings themselves (host memory or
+  the device) under `state_id`, a name drawn fresh for every segment. A next segment that runs there
+  with this handoff continues from those rings: exactly the video of one long segment. Anywhere else
+  (or after the worker went on to other work) the replay above is the fallback.
 * counters: the absolute latent frame the next block starts at (RoPE positions, ring slots, and the
   clip index that seeds noise and sink distances).
 * the last seconds of audio, as left context for the next segment's wav2vec2 windows.
@@ -77,6 +81,7 @@ class Handoff:
     decoder_latents: torch.Tensor  # [1, 16, k, h, w]: the VAE decoder's last k input latents
     replay: tuple[ReplayBlock, ...] = ()
     audio_tail: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # float32 samples
+    state_id: str = ""  # names the rings the making worker keeps (see the module docstring)
 
     @property
     def latent_size(self) -> tuple[int, int]:
@@ -99,6 +104,7 @@ class Handoff:
             "next_frame": self.next_frame,
             "model": self.model,
             "has_sink": self.sink_latent is not None,
+            "state_id": self.state_id,
             "replay": [
                 {"frame_index": b.frame_index, "sink_distances": list(b.sink_distances)} for b in self.replay
             ],
@@ -135,6 +141,7 @@ class Handoff:
                 decoder_latents=tensors["decoder_latents"],
                 replay=replay,
                 audio_tail=tensors["audio_tail"].numpy(),
+                state_id=str(meta.get("state_id", "")),
             )
         except KeyError as exc:
             raise HandoffError(f"field {exc.args[0]!r} is missing") from None

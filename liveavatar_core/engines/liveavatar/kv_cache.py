@@ -14,12 +14,13 @@ of a token range is contiguous (a cheap host->device copy when a cache lives on 
   own fresh keys, plus the sink: with 12 slots and 3-frame blocks that is the 9 latest earlier frames.
 
 A cache may live on another device than the model (the host, for the offload rung): reads copy the
-slice a layer needs to the compute device, writes copy back.
+slice a layer needs to the compute device, writes copy back. Caches never guess what is read next:
+the denoising order (`order.py`) tells them (`prefetch`, `open_layer`); a device cache ignores the hints.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -178,3 +179,30 @@ class RingKVCache:
         first = self.first_slot(frame_index, frames)
         for i in range(frames):
             self.slot_frames[first + i] = frame_index + i
+
+    def context_plan(self, frame_indices: list[int], frames: int) -> list[tuple[list[range], list[range]]]:
+        """`context_ranges` of each block in turn, as if each earlier one had been committed (a sweep
+        runs every block at one layer before the next layer, so no block is committed until the end)."""
+        saved = list(self.slot_frames)
+        try:
+            plan = []
+            for frame_index in frame_indices:
+                plan.append(self.context_ranges(frame_index, frames))
+                self.commit(frame_index, frames)
+            return plan
+        finally:
+            self.slot_frames[:] = saved
+
+    # ----- hints from the denoising order (a device cache needs none) ---------------------------------
+
+    def prefetch(self, layer: int, ranges: list[list[range]]) -> None:
+        """The next `read`s will be of `layer`, these ranges (block order)."""
+
+    def open_layer(self, layer: int, following: int | None) -> RingKVCache:
+        """One layer as a one-layer cache on the compute device, sharing the slot bookkeeping (sweep
+        order: every block of the sweep reads and writes it before the next layer); `following` is the
+        layer opened next. Close it with `close_layer`."""
+        return replace(self, k=self.k[layer : layer + 1], v=self.v[layer : layer + 1])
+
+    def close_layer(self, layer: int, view: RingKVCache) -> None:
+        """The sweep is done with `layer` (a view of this cache's own memory: nothing to copy back)."""

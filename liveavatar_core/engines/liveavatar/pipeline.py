@@ -1,15 +1,17 @@
-"""One segment, block by block: the causal generation loop of LiveAvatar with bounded memory.
+"""One segment: the causal generation loop of LiveAvatar with bounded memory.
 
 Phases of `SegmentRun.run`:
 
 1. **conditioning**: the prompt's cross-attention K/V (cached by prompt, once per job), the audio
    features (wav2vec2 in bounded chunks, pulled as blocks need them), and the sink inputs: from the
    portrait for an independent segment (cached per portrait), else from the handoff.
-2. **state**: the cond (sink) K/V cache from one sink forward; the step rings, empty, then refilled by
-   replaying the handoff's last blocks; a fresh VAE decoder stream primed with the latents it had seen.
+2. **state**: the cond (sink) K/V cache from one sink forward; the step rings as the previous segment
+   left them (kept by the engine), else empty and refilled by replaying the handoff's last blocks; a
+   fresh VAE decoder stream primed with the latents it had seen.
 3. **blocks**: for each 3-latent-frame block (12 video frames): `steps` DiT forwards over only the
-   block's tokens, each against its own step's ring, with Euler steps in float32 between them; then
-   the block is decoded (3 latents in, 12 frames out, no context re-decoded) and written to the sink,
+   block's tokens, each against its own step's ring, with Euler steps in float32 between them, in the
+   order `order.py` runs them (block after block, or step-major sweeps); then, in block order, each
+   block is decoded (3 latents in, 12 frames out, no context re-decoded) and written to the sink,
    the last block trimmed to the segment's frame count. Video frame k of the segment shows audio frame
    k: nothing is dropped (the reference drops 3 frames of its first clip while its audio starts at 0).
 4. **handoff**: the state the next segment starts from.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -34,6 +37,7 @@ from .components import Components
 from .dit import TextContext
 from .handoff import Handoff, ReplayBlock
 from .kv_cache import CondKVCache
+from .order import BlockWork, DenoisingOrder
 from .scheduler import FlowMatchSchedule
 from .vae import TEMPORAL_STRIDE, StreamingDecoder
 
@@ -47,6 +51,7 @@ class StreamSettings:
     rolling_sink: bool = True  # from clip 1 on the sink is the first generated latent (reference TPP)
     audio_context_seconds: float = 5.0  # audio carried to the next segment as wav2vec2 left context
     decoder_prime_latents: int = 7  # motion latents the decoder sees before the first block (reference TPP)
+    sweep_blocks: int = 64  # blocks per sweep group in sweep order (64 blocks: 30.7 s of video)
 
     def latent_frames_per_clip(self) -> int:
         return self.frames_per_clip // TEMPORAL_STRIDE
@@ -144,8 +149,9 @@ class SegmentRun:
         features: FeatureStream,
         portrait: PortraitState | None,
         handoff: Handoff | None,
-        replay: bool,
+        continuation: str,
         caches: Caches,
+        order: DenoisingOrder,
         model_signature: str,
         timings: Timings,
     ):
@@ -157,6 +163,7 @@ class SegmentRun:
         self.text = text
         self.features = features
         self.caches = caches
+        self.order = order
         self.timings = timings
         self.signature = model_signature
         cfg = request.config
@@ -167,7 +174,7 @@ class SegmentRun:
         self.clip_latents = settings.latent_frames_per_clip()
         self.decoder = parts.vae.decoder_stream()
         self.decoder_context = decoder_context_latents(parts.vae.model.decoder)
-        self.portrait, self.handoff, self.replay_window = portrait, handoff, replay
+        self.portrait, self.handoff, self.continuation = portrait, handoff, continuation
         self.cond_sink: str | None = None  # which sink the cond cache holds: "reference" | "rolled"
         self._noise: dict[int, torch.Tensor] = {}
         self._distances: dict[int, np.ndarray] = {}
@@ -204,13 +211,6 @@ class SegmentRun:
         )
         return "rolled" if rolled else "reference"
 
-    def _ensure_cond(self, frame_index: int) -> None:
-        which = self._sink_for(frame_index)
-        if which != self.cond_sink:
-            latent = self.sink_latent if which == "rolled" else self.reference
-            self.dit.forward_sink(latent, self.motion, self.text, self.caches.cond)
-            self.cond_sink = which
-
     def _start_state(self) -> None:
         """Sink inputs, VAE decoder and rings as the previous segment left them (or fresh)."""
         device = self.dit.device
@@ -230,9 +230,12 @@ class SegmentRun:
         self.history = s.decoder_latents.to(device)
         self.decoder.prime(self.history)
         self.next_frame = s.next_frame
-        self.window = list(s.replay) if self.replay_window else []
+        rings_continue = self.continuation in ("replay", "kept state")
+        self.window = list(s.replay) if rings_continue else []
+        if self.continuation != "replay":
+            return  # the rings are as the previous segment left them, or start empty
         for block in self.window:  # the rings, rewritten as the previous segment wrote them
-            self._ensure_cond(block.frame_index)
+            self.ensure_cond(block.frame_index)
             audio = self.dit.encode_audio(block.audio.to(device))
             for i in range(self.schedule.steps):
                 self.dit.forward_block(
@@ -254,9 +257,8 @@ class SegmentRun:
         self.timings.prepare += _now(self.dit.device) - t0
         frames_left = self.request.num_frames
         blocks = -(-frames_left // self.frames_per_block)
-        for b in range(blocks):
-            frame_index = self.next_frame + b * self.block_frames
-            latents = self._block(frame_index)
+        frame_indices = [self.next_frame + b * self.block_frames for b in range(blocks)]
+        for latents in self.order.denoise(self, frame_indices):
             t0 = _now(self.dit.device)
             frames = self.decoder.decode_uint8(latents)  # [12, H, W, 3] uint8 on the CPU
             self.history = torch.cat([self.history, latents], dim=2)[:, :, -self.decoder_context :]
@@ -267,40 +269,40 @@ class SegmentRun:
         self.next_frame += blocks * self.block_frames
         return self.request.num_frames, self._handoff()
 
-    def _block(self, frame_index: int) -> torch.Tensor:
-        """Denoise one block; returns its clean latents, float32 [1, 16, block_frames, h, w]."""
+    # ----- what the denoising order (`order.py`) asks of the segment --------------------------------
+
+    def begin_block(self, frame_index: int) -> BlockWork:
+        """The block's audio (features taken in block order), sink distances and noise."""
         t0 = time.perf_counter()
         features = self.features.take(self.frames_per_block)  # [12, layers, hidden]
         audio_input = features.permute(1, 2, 0)[None].to(self.dit.device)  # [1, layers, hidden, 12]
-        t1 = _now(self.dit.device)
-        self.timings.audio += t1 - t0
-        self._ensure_cond(frame_index)
-        audio = self.dit.encode_audio(audio_input)
-        distances = self.sink_distances(frame_index)
-        x = self.noise(frame_index)
-        inputs = []
-        for i in range(self.schedule.steps):
-            inputs.append(x)
-            velocity = self.dit.forward_block(
-                x,
-                self.schedule.timesteps[i],
-                frame_index=frame_index,
-                sink_distance=distances[i],
-                text=self.text,
-                audio=audio,
-                cond_cache=self.caches.cond,
-                ring_cache=self.caches.rings[i],
-            )
-            x = self.schedule.step(i, velocity, x)
-        if frame_index == 0:
-            self.sink_latent = x[:, :, :1].clone()  # the rolling sink: the first generated latent
-        self.window = [
-            *self.window,
-            ReplayBlock(frame_index, distances, torch.stack(inputs), audio_input),  # host copy at handoff
-        ]
-        self.window = self.window[-self.ring_blocks :]
-        self.timings.dit += _now(self.dit.device) - t1
-        return x
+        self.timings.audio += _now(self.dit.device) - t0
+        with self.timed_dit():
+            audio = self.dit.encode_audio(audio_input)
+        return BlockWork(
+            frame_index, self.noise(frame_index), audio, audio_input, self.sink_distances(frame_index)
+        )
+
+    def end_block(self, work: BlockWork) -> None:
+        """A block is clean: keep the rolling sink, slide the replay window."""
+        if work.frame_index == 0:
+            self.sink_latent = work.x[:, :, :1].clone()  # the rolling sink: the first generated latent
+        block = ReplayBlock(work.frame_index, work.distances, torch.stack(work.inputs), work.audio_input)
+        self.window = [*self.window, block][-self.ring_blocks :]  # host copies at handoff
+
+    @contextmanager
+    def timed_dit(self) -> Iterator[None]:
+        t0 = _now(self.dit.device)
+        yield
+        self.timings.dit += _now(self.dit.device) - t0
+
+    def ensure_cond(self, frame_index: int) -> None:
+        """The cond cache holds the sink this block attends to (the portrait, or the rolled sink)."""
+        which = self._sink_for(frame_index)
+        if which != self.cond_sink:
+            latent = self.sink_latent if which == "rolled" else self.reference
+            self.dit.forward_sink(latent, self.motion, self.text, self.caches.cond)
+            self.cond_sink = which
 
     def _handoff(self) -> Handoff:
         cfg = self.request.config
