@@ -154,6 +154,13 @@ def _add_course(commands) -> None:
         help=f"run through a deployment on the server's workers (default name {COURSE_DEPLOYMENT}) "
         "instead of in this process; the manifest and its inputs must be readable there",
     )
+    p.add_argument(
+        "--worker-wait",
+        type=float,
+        metavar="S",
+        help="gpu-workers dispatch: fail a lecture whose segment finds no GPU worker for S seconds "
+        "($LIVEAVATAR_WORKER_WAIT_S, default 600)",
+    )
     p.add_argument("--max-parallel", type=int, default=8, metavar="N", help="lectures in flight at once (8)")
     p.add_argument(
         "--size", metavar="WxH", help="override every lecture's profile size (WIDTHxHEIGHT or auto)"
@@ -178,13 +185,14 @@ COURSE_DEPLOYMENT = "produce_course/produce-course"
 
 
 def _run_course(args: argparse.Namespace) -> int:
-    from flows.course import CourseParams, read_course
-    from liveavatar_core import storage
-    from liveavatar_core.errors import LiveAvatarError
-
     source = args.course
     if problem := _preflight([("COURSE", source)], [("--work", args.work)] if args.work else []):
         return _fail(EXIT_BAD_INPUT, problem)
+    from flows.course import CourseParams, read_course
+    from flows.dispatch import WORKER_WAIT_ENV
+    from liveavatar_core import storage
+    from liveavatar_core.errors import LiveAvatarError
+
     if args.deployment and not storage.is_remote(source):
         source = os.path.abspath(source.removeprefix("file://"))  # the flow run's directory is elsewhere
     try:
@@ -193,6 +201,10 @@ def _run_course(args: argparse.Namespace) -> int:
         return _fail(EXIT_BAD_INPUT, str(exc))
     server = bool(os.environ.get("PREFECT_API_URL"))
     dispatch = args.dispatch if args.dispatch != "auto" else ("gpu-workers" if server else "in-process")
+    if args.worker_wait is not None and args.worker_wait <= 0:
+        return _fail(
+            EXIT_BAD_INPUT, f"--worker-wait {args.worker_wait:g}: must be a positive number of seconds"
+        )
     if (args.deployment or dispatch == "gpu-workers") and not server:
         flag = "--deployment" if args.deployment else "--dispatch gpu-workers"
         return _fail(EXIT_BAD_INPUT, f"{flag}: needs a Prefect server: set PREFECT_API_URL")
@@ -213,8 +225,10 @@ def _run_course(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         return _fail(EXIT_BAD_INPUT, _validation_line(exc))
+    env = {WORKER_WAIT_ENV: f"{args.worker_wait:g}"} if args.worker_wait else {}
     if args.deployment:
-        return run_flow(lambda: _course_via_deployment(args.deployment, params, course.summary_url))
+        return run_flow(lambda: _course_via_deployment(args.deployment, params, course.summary_url, env))
+    os.environ.update(env)
     return run_flow(lambda: _course_here(params, course.summary_url))
 
 
@@ -231,14 +245,18 @@ def _course_here(params, summary_url: str) -> int:
     return EXIT_OK
 
 
-def _course_via_deployment(name: str, params, summary_url: str) -> int:
+def _course_via_deployment(name: str, params, summary_url: str, env: dict[str, str]) -> int:
     from prefect.deployments import run_deployment
 
     from flows.course import summary_table
     from liveavatar_core import storage
 
     run = run_deployment(
-        name, parameters={"params": params.model_dump(mode="json")}, timeout=None, poll_interval=2
+        name,
+        parameters={"params": params.model_dump(mode="json")},
+        job_variables={"env": env} if env else None,
+        timeout=None,
+        poll_interval=2,
     )
     state = run.state
     print(f"flow run {run.name} ({run.id}): {state.name if state else '?'}", file=sys.stderr)

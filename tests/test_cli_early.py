@@ -84,7 +84,9 @@ def test_an_unsupported_url_scheme_is_refused(home, tmp_path):
 
 
 def test_an_s3_input_without_credentials_is_refused(home, tmp_path):
-    env = {k: None for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    env = {
+        k: None for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    }
     env.update(
         AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
         AWS_CONFIG_FILE=str(tmp_path / "none"),
@@ -155,7 +157,7 @@ def test_liveavatar_on_a_machine_without_a_gpu_points_a_course_team_to_the_previ
         pytest.skip("this machine has a GPU")
     argv = ["produce", "--audio", str(AUDIO), "--image", str(IMAGE), "--prompt", "a teacher"]
     done = cli(home, *argv, "--out", str(tmp_path / "out"), "--engine", "liveavatar")
-    line = refused(done, "--engine liveavatar", "no CUDA GPU", "--engine preview")
+    refused(done, "--engine liveavatar", "no CUDA GPU", "--engine preview")
     assert "--random-weights" not in done.stdout + done.stderr
     no_server_started(home)
 
