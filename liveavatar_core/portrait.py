@@ -18,8 +18,12 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
 from .errors import InputError
+
+# Phones save HEIC; Pillow reads it through pillow-heif (libheif). AVIF and WebP are Pillow's own.
+register_heif_opener()
 
 # Framing. A Haar face box spans roughly brows to lower lip, and the eyes sit about 38% down it.
 EYE_LINE = 0.38
@@ -164,7 +168,9 @@ def load_rgb(path: str | os.PathLike[str] | bytes, subject: str, warnings: list[
     except PermissionError:
         raise InputError(subject, "cannot be read (permission denied)") from None
     except UnidentifiedImageError:
-        raise InputError(subject, "is not an image Pillow can read (use JPEG, PNG or WebP)") from None
+        raise InputError(
+            subject, "is not an image Pillow can read (use JPEG, PNG, WebP, HEIC or AVIF)"
+        ) from None
     except Image.DecompressionBombError:
         raise InputError(
             subject, "has more pixels than Pillow's safety limit allows; resize it under 50 megapixels"
