@@ -16,6 +16,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import get_args
 
 from pydantic import ValidationError
@@ -26,13 +29,14 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Prefect's embedded server migrates its database on first start: slow on a small, busy machine.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    # The embedded server's telemetry job has nowhere to send to on closed networks and logs errors.
+    # Prefect's servers (the local one too) would send telemetry: nowhere to on closed networks, and it logs errors.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.run(args)
+    code = args.run(args)
+    if argv is None and code != EXIT_OK:
+        _silence_the_rest()
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +89,13 @@ def _add_produce(commands) -> None:
 
 
 def _run_produce(args: argparse.Namespace) -> int:
+    work = args.work or os.environ.get("LIVEAVATAR_WORK")
+    problem = _preflight(
+        [("--audio", args.audio), ("--image", args.image)],
+        [("--out", args.out), *([("--work", work)] if work else [])],
+    ) or _engine_problem(args.engine, args.checkpoint_dir, args.random_weights)
+    if problem:
+        return _fail(EXIT_BAD_INPUT, problem)
     from flows.lecture import LectureParams
 
     try:
@@ -143,6 +154,13 @@ def _add_course(commands) -> None:
         help=f"run through a deployment on the server's workers (default name {COURSE_DEPLOYMENT}) "
         "instead of in this process; the manifest and its inputs must be readable there",
     )
+    p.add_argument(
+        "--worker-wait",
+        type=float,
+        metavar="S",
+        help="gpu-workers dispatch: fail a lecture whose segment finds no GPU worker for S seconds "
+        "($LIVEAVATAR_WORKER_WAIT_S, default 600)",
+    )
     p.add_argument("--max-parallel", type=int, default=8, metavar="N", help="lectures in flight at once (8)")
     p.add_argument(
         "--size", metavar="WxH", help="override every lecture's profile size (WIDTHxHEIGHT or auto)"
@@ -167,11 +185,14 @@ COURSE_DEPLOYMENT = "produce_course/produce-course"
 
 
 def _run_course(args: argparse.Namespace) -> int:
+    source = args.course
+    if problem := _preflight([("COURSE", source)], [("--work", args.work)] if args.work else []):
+        return _fail(EXIT_BAD_INPUT, problem)
     from flows.course import CourseParams, read_course
+    from flows.dispatch import WORKER_WAIT_ENV
     from liveavatar_core import storage
     from liveavatar_core.errors import LiveAvatarError
 
-    source = args.course
     if args.deployment and not storage.is_remote(source):
         source = os.path.abspath(source.removeprefix("file://"))  # the flow run's directory is elsewhere
     try:
@@ -180,6 +201,10 @@ def _run_course(args: argparse.Namespace) -> int:
         return _fail(EXIT_BAD_INPUT, str(exc))
     server = bool(os.environ.get("PREFECT_API_URL"))
     dispatch = args.dispatch if args.dispatch != "auto" else ("gpu-workers" if server else "in-process")
+    if args.worker_wait is not None and args.worker_wait <= 0:
+        return _fail(
+            EXIT_BAD_INPUT, f"--worker-wait {args.worker_wait:g}: must be a positive number of seconds"
+        )
     if (args.deployment or dispatch == "gpu-workers") and not server:
         flag = "--deployment" if args.deployment else "--dispatch gpu-workers"
         return _fail(EXIT_BAD_INPUT, f"{flag}: needs a Prefect server: set PREFECT_API_URL")
@@ -200,8 +225,10 @@ def _run_course(args: argparse.Namespace) -> int:
         )
     except ValidationError as exc:
         return _fail(EXIT_BAD_INPUT, _validation_line(exc))
+    env = {WORKER_WAIT_ENV: f"{args.worker_wait:g}"} if args.worker_wait else {}
     if args.deployment:
-        return run_flow(lambda: _course_via_deployment(args.deployment, params, course.summary_url))
+        return run_flow(lambda: _course_via_deployment(args.deployment, params, course.summary_url, env))
+    os.environ.update(env)
     return run_flow(lambda: _course_here(params, course.summary_url))
 
 
@@ -218,14 +245,18 @@ def _course_here(params, summary_url: str) -> int:
     return EXIT_OK
 
 
-def _course_via_deployment(name: str, params, summary_url: str) -> int:
+def _course_via_deployment(name: str, params, summary_url: str, env: dict[str, str]) -> int:
     from prefect.deployments import run_deployment
 
     from flows.course import summary_table
     from liveavatar_core import storage
 
     run = run_deployment(
-        name, parameters={"params": params.model_dump(mode="json")}, timeout=None, poll_interval=2
+        name,
+        parameters={"params": params.model_dump(mode="json")},
+        job_variables={"env": env} if env else None,
+        timeout=None,
+        poll_interval=2,
     )
     state = run.state
     print(f"flow run {run.name} ({run.id}): {state.name if state else '?'}", file=sys.stderr)
@@ -336,8 +367,6 @@ def _add_deploy(commands) -> None:
 
 
 def _run_deploy(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from flows import deploy
 
     if not os.environ.get("PREFECT_API_URL"):
@@ -374,7 +403,8 @@ def run_flow(body) -> int:
 
     _quiet_prefect_errors()
     try:
-        return body()
+        with _api_server():
+            return body()
     except InputError as exc:
         return _fail(EXIT_BAD_INPUT, str(exc))
     except LiveAvatarError as exc:
@@ -383,15 +413,83 @@ def run_flow(body) -> int:
         return _fail(EXIT_INTERRUPTED, "interrupted; finished segments are kept and reused by the next run")
 
 
+def _preflight(inputs: list[tuple[str, str]], destinations: list[tuple[str, str]]) -> str | None:
+    """The first problem the quick checks find (missing files, bad URLs, S3 unreachable), or None."""
+    from liveavatar_core.errors import InputError
+    from liveavatar_core.storage.checks import preflight
+
+    try:
+        preflight(inputs, destinations)
+    except InputError as exc:
+        return str(exc)
+    return None
+
+
+def _engine_problem(engine: str, checkpoint_dir: str | None, random_weights: bool) -> str | None:
+    """Why `--engine liveavatar` cannot run in this process, or None (other engines, GPU workers)."""
+    if engine != "liveavatar" or os.environ.get("LIVEAVATAR_DISPATCH") == "gpu-workers":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return (
+            "--engine liveavatar: this machine has no CUDA GPU, which the 14B LiveAvatar model needs; "
+            "use --engine preview for a draft on CPU, or run on a GPU host"
+        )
+    if not (random_weights or checkpoint_dir or os.environ.get("LIVEAVATAR_CHECKPOINT_DIR")):
+        return (
+            "--checkpoint-dir: the liveavatar engine needs the official checkpoints (Wan2.2-S2V-14B/ and "
+            "LiveAvatar/); give --checkpoint-dir DIR or set $LIVEAVATAR_CHECKPOINT_DIR"
+        )
+    return None
+
+
+@contextmanager
+def _api_server() -> Iterator[None]:
+    """The Prefect API for this command: PREFECT_API_URL's (environment, profile, test harness), else
+    the long-lived local server (`flows/local_server.py`), started on first use."""
+    import prefect
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    from flows import local_server
+
+    settings = get_current_settings()
+    if settings.api.url:
+        yield
+        return
+    url, started = local_server.ensure(Path(settings.home), prefect.__version__)
+    if started:
+        print(
+            f"started a local Prefect server at {url.removesuffix('/api')} for this and later runs "
+            f"(it stops after {local_server.idle_seconds() / 60:.0f} min idle)",
+            file=sys.stderr,
+        )
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
 def _fail(code: int, message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
 
 
+def _silence_the_rest() -> None:
+    """After the one-line error, nothing may reach the screen: Prefect's exit handlers (flushing events
+    and logs, stopping a temporary server) can print tracebacks while the process winds down."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
 def _validation_line(exc: ValidationError) -> str:
     err = exc.errors()[0]
     field = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "input"
-    return f"{field}: {err['msg'].removeprefix('Value error, ')}"
+    message = err["msg"].removeprefix("Value error, ")
+    # A validator that names its flag itself ("--size '700x380' must be ...") keeps its own wording.
+    return message if message.startswith(f"{field} ") else f"{field}: {message}"
 
 
 class _DropFailureEchoes(logging.Filter):

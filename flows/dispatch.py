@@ -4,16 +4,22 @@
 task workers serving `generate_segment` (`liveavatar-batch worker --gpu K`). Its parameters and its
 result travel through the task's result storage (the work store), so the worker may be on any host.
 
-Waiting is a loop, not `future.wait()`: Prefect 3.8's waiter listens for Completed/Failed/Crashed/
-Cancelled events only, so a run that ends "Cached" would be waited on forever. And a task run whose
-worker was killed stays "Running" on the server for good; the worker's heartbeat in the work store
-(`tasks/heartbeat.py`) tells the two apart. A segment whose heartbeat stops is put back in the queue
-(the same task run, state Scheduled, so its stored parameters are reused) for whichever worker is
-free, the restarted one or another. Its finished predecessors are untouched: they are cache hits.
+Waiting is a loop, not `future.wait()`: Prefect's waiter (3.8 and 3.9) listens for Completed/Failed/
+Crashed/Cancelled events only, so a run that ends "Cached" would be waited on forever. And a task run
+whose worker was killed stays "Running" on the server for good (Prefect has heartbeats for flow runs,
+not task runs); the worker's heartbeat in the work store (`tasks/heartbeat.py`) tells the two apart.
+A segment whose heartbeat stops is put back in the queue (the same task run, state Scheduled, so its
+stored parameters are reused) for whichever worker is free, the restarted one or another. Its
+finished predecessors are untouched: they are cache hits.
+
+A segment that no GPU worker is there to take (none subscribed, none busy holding its GPU's leased
+slot) for $LIVEAVATAR_WORKER_WAIT_S seconds (default 600) is taken out of the queue and the lecture
+fails with a message that says how to start a worker, or to generate in-process.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from uuid import UUID
 
@@ -22,7 +28,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, get_current_settings, temporary_settings
-from prefect.states import Scheduled, State
+from prefect.states import Cancelled, Scheduled, State
 
 from liveavatar_core import storage
 from liveavatar_core.errors import InputError, LiveAvatarError
@@ -31,11 +37,21 @@ from tasks.models import SegmentJob
 
 POLL_S = (0.25, 0.5, 1.0, 2.0)  # waits between looks at the task run's state: soon at first, then every 2 s
 NO_WORKER_WARNING_S = 60.0  # warn when a segment has been queued this long with no worker serving it
+WORKER_CHECK_S = 5.0  # how often a queued segment asks whether any GPU worker is there at all
 MAX_LOSSES = 3  # a segment whose worker dies this many times fails the lecture
+# How long a queued segment waits with no GPU worker at all (none connected, none busy) before the
+# lecture fails; the deployments set it (deployments/prefect.yaml), `course --worker-wait` too.
+WORKER_WAIT_ENV = "LIVEAVATAR_WORKER_WAIT_S"
+DEFAULT_WORKER_WAIT_S = 600.0
+GPU_SLOT_PREFIX = "gpu-"  # the GPU workers' concurrency limits (flows/worker.py: gpu-<host>-<K>)
 
 
 class WorkerLost(LiveAvatarError):
     """A segment's GPU worker died too often, or the workers could not take the segment at all."""
+
+
+class NoGpuWorker(WorkerLost):
+    """No GPU worker served the segment's task within the bounded wait."""
 
 
 class SegmentFailed(LiveAvatarError):
@@ -46,6 +62,15 @@ def require_server(flag: str = "--dispatch gpu-workers") -> None:
     """GPU workers reach the flow only through a Prefect server; the embedded (ephemeral) API has none."""
     if not get_current_settings().api.url:
         raise InputError(flag, "needs a Prefect server that the GPU workers also use: set PREFECT_API_URL")
+
+
+def worker_wait_s() -> float:
+    """$LIVEAVATAR_WORKER_WAIT_S: seconds a segment waits with no GPU worker before the lecture fails."""
+    try:
+        value = float(os.environ.get(WORKER_WAIT_ENV, DEFAULT_WORKER_WAIT_S))
+    except ValueError:
+        return DEFAULT_WORKER_WAIT_S
+    return value if value > 0 else DEFAULT_WORKER_WAIT_S
 
 
 def run_on_gpu_workers(task, job: SegmentJob) -> State:
@@ -63,6 +88,7 @@ def run_on_gpu_workers(task, job: SegmentJob) -> State:
     losses = 0
     queued_since = time.monotonic()
     warned_at = queued_since
+    unserved = _Unserved(task.task_key, worker_wait_s())
     polls = 0
     with get_client(sync_client=True) as client:
         while True:
@@ -85,6 +111,7 @@ def run_on_gpu_workers(task, job: SegmentJob) -> State:
                 return state
             if state.type in (StateType.RUNNING, StateType.PENDING):
                 queued_since = time.monotonic()
+                unserved.reset()
                 if not watch.alive():
                     losses += 1
                     if losses >= MAX_LOSSES:
@@ -102,16 +129,18 @@ def run_on_gpu_workers(task, job: SegmentJob) -> State:
                     watch = _Liveness(beat_url)
             else:
                 watch = _Liveness(beat_url)  # queued (again): the clock starts when a worker takes it
+                if unserved.expired(client):
+                    _cancel(client, run_id)
+                    raise NoGpuWorker(f"segment {job.index}: {unserved.advice()}")
                 now = time.monotonic()
                 if now - queued_since > NO_WORKER_WARNING_S and now - warned_at > NO_WORKER_WARNING_S:
                     warned_at = now
-                    if not _workers_serving(client, task.task_key):
+                    if unserved.since is not None:
                         log.warning(
-                            "segment %d: queued %.0f s and no GPU worker serves generate-segment; "
-                            "start `liveavatar-batch worker --gpu N` (same code version as this flow)",
-                            job.index,
-                            now - queued_since,
-                        )
+                            "segment %d: queued %.0f s and no GPU worker serves generate-segment; the "
+                            "lecture fails if none comes within %.0f s. %s",
+                            job.index, now - queued_since, unserved.wait_s, HOW_TO_SERVE,
+                        )  # fmt: skip
 
 
 class _Liveness:
@@ -148,6 +177,60 @@ def _failure(state: State, job: SegmentJob) -> BaseException:
     return SegmentFailed(rest if sep and kind.isidentifier() else text)
 
 
+HOW_TO_SERVE = (
+    "Start one GPU worker per GPU (`liveavatar-batch worker --gpu N`, same code version as this flow); "
+    "for a CPU try-out, `liveavatar-batch worker --gpu 0 --engine preview`; or generate in the flow's "
+    "own process (Dispatch: in-process, `--dispatch in-process`)"
+)
+
+
+class _Unserved:
+    """How long no GPU worker has been there for a queued segment: none subscribed to its task and
+    none busy (every busy GPU worker holds its GPU's slot, a lease that a crashed worker loses)."""
+
+    def __init__(self, task_key: str, wait_s: float):
+        self.task_key = task_key
+        self.wait_s = wait_s
+        self.since: float | None = None
+        self.checked_at = -WORKER_CHECK_S
+
+    def reset(self) -> None:
+        self.since = None
+
+    def expired(self, client) -> bool:
+        now = time.monotonic()
+        if now - self.checked_at >= WORKER_CHECK_S:
+            self.checked_at = now
+            if _workers_serving(client, self.task_key) or _gpu_slots_busy(client):
+                self.since = None
+            elif self.since is None:
+                self.since = now
+        return self.since is not None and now - self.since >= self.wait_s
+
+    def advice(self) -> str:
+        return (
+            f"no GPU worker served generate-segment for {self.wait_s:.0f} s ({WORKER_WAIT_ENV}), so the "
+            f"lecture stops here. {HOW_TO_SERVE}"
+        )
+
+
+def _gpu_slots_busy(client) -> bool:
+    """Whether a GPU worker is generating now: one of the gpu-* limits has its slot taken."""
+    try:
+        limits = client.read_global_concurrency_limits(limit=200)
+    except Exception:  # cannot tell: count it as busy, so a lecture is not failed over a read error
+        return True
+    return any(lim.name.startswith(GPU_SLOT_PREFIX) and lim.active_slots > 0 for lim in limits)
+
+
+def _cancel(client, run_id: UUID) -> None:
+    """Take the segment out of the queue, so a worker that starts later does not generate it for no one."""
+    try:
+        client.set_task_run_state(run_id, Cancelled(message="no GPU worker came to take it"), force=True)
+    except Exception:  # the lecture fails either way; a stale queued segment is a cache miss at most
+        pass
+
+
 def _requeue(client, run_id: UUID) -> None:
     """Put the task run back in the server's queue with its stored parameters (deferred Scheduled)."""
     parameters_id = next(
@@ -167,12 +250,14 @@ def _requeue(client, run_id: UUID) -> None:
 
 
 def _workers_serving(client, task_key: str) -> bool:
+    """Whether a task worker is subscribed to `task_key` now (an idle one: a busy one disconnects)."""
     try:
         response = client._client.post(
             "/task_workers/filter", json={"task_worker_filter": {"task_keys": [task_key]}}
         )
+        response.raise_for_status()
         return bool(response.json())
-    except Exception:  # the warning is a hint; never fail a lecture over it
+    except Exception:  # cannot tell: count it as served, so a lecture is not failed over a read error
         return True
 
 

@@ -14,6 +14,7 @@ names the field and its line in the YAML. Relative paths resolve against the YAM
 
 from __future__ import annotations
 
+import difflib
 import os
 import posixpath
 import re
@@ -230,7 +231,9 @@ def parse_course(text: str, *, source: str, check_local_files: bool = False) -> 
     try:
         course = Course.model_validate(data)
     except ValidationError as exc:
-        problems = [(_line(root, e["loc"]), _dotted(e["loc"]), _explain(e)) for e in exc.errors()]
+        # An unknown field first: a misspelt key ("audo:") also shows up as its field missing.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        problems = [(_line(root, e["loc"]), _dotted(e["loc"]), _explain(e)) for e in errors]
     else:
         problems = [(_line(root, loc), _dotted(loc), msg) for loc, msg in _cross_checks(course)]
     if problems:
@@ -326,7 +329,9 @@ def _explain(error: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         parent = error["loc"][:-1]
         model = Defaults if parent == ("defaults",) else Lecture if parent[:1] == ("lectures",) else Course
-        return f"unknown field; expected one of {', '.join(model.model_fields)}"
+        close = difflib.get_close_matches(str(error["loc"][-1]), list(model.model_fields), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"unknown field; {hint}expected one of {', '.join(model.model_fields)}"
     if kind == "missing":
         return "required field is missing"
     if kind == "string_pattern_mismatch":

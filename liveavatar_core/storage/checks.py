@@ -1,15 +1,18 @@
 """Up-front checks of inputs and destinations, so a run fails in seconds, not after the GPU work.
 
-Both raise InputError(subject, problem) for a problem the user must fix, and let
-TransientStorageError through (a network fault is not the user's input; the caller may retry).
-Neither creates anything.
+`check_readable` and `check_destination` raise InputError(subject, problem) for a problem the user
+must fix, and let TransientStorageError through (a network fault is not the user's input; the caller
+may retry). `preflight` runs them before anything heavy starts (the CLI, before any Prefect server):
+quick, one try with a short timeout, and an S3 endpoint it cannot reach is the user's to fix. None
+creates anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +20,66 @@ from liveavatar_core.errors import AccessDenied, InputError, NotFound, StorageEr
 from liveavatar_core.storage import s3
 from liveavatar_core.storage.files import object_location
 from liveavatar_core.storage.urls import is_remote, local_path, parse_s3
+
+PREFLIGHT_TIMEOUT_S = 3.0  # connect and read timeout of the up-front S3 checks (one attempt each)
+
+
+def preflight(inputs: Sequence[tuple[str, str]], destinations: Sequence[tuple[str, str]]) -> None:
+    """Check `(flag, url)` inputs are readable files and destinations writable, in a second or two.
+
+    Raises InputError naming the flag and URL of the first problem: a missing or unreadable file, a
+    malformed URL, no S3 credentials, an S3 endpoint that does not answer within PREFLIGHT_TIMEOUT_S.
+    """
+    quick = None
+    for flag, url in [*inputs, *destinations]:
+        with _named(f"{flag} {url}"):
+            remote = is_remote(url) and bool(parse_s3(url))
+        if remote and quick is None:
+            quick = _quick_s3_settings(f"{flag} {url}")
+    with _quick_s3(quick):
+        for flag, url in inputs:
+            _preflight_one(check_readable, url, f"{flag} {url}")
+        for flag, url in destinations:
+            _preflight_one(check_destination, url, f"{flag} {url}")
+
+
+def _preflight_one(check, url: str, subject: str) -> None:
+    try:
+        check(url, subject)
+    except TransientStorageError:
+        s = s3.settings()
+        raise InputError(
+            subject,
+            f"{s.endpoint_label} did not answer within {PREFLIGHT_TIMEOUT_S:.0f} s; check the endpoint "
+            "(AWS_ENDPOINT_URL) and the network",
+        ) from None
+
+
+def _quick_s3_settings(subject: str) -> s3.S3Settings:
+    """The environment's S3 settings with one attempt and short timeouts; InputError without credentials."""
+    current = s3.settings()
+    try:
+        found = s3.has_credentials(current)
+    except Exception as exc:  # botocore's own wording: a missing profile, a malformed config file
+        raise InputError(subject, f"AWS credentials: {exc}") from None
+    if not found:
+        raise InputError(
+            subject,
+            "no AWS credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE",
+        )
+    return dataclasses.replace(
+        current, max_attempts=1, connect_timeout=PREFLIGHT_TIMEOUT_S, read_timeout=PREFLIGHT_TIMEOUT_S
+    )
+
+
+@contextmanager
+def _quick_s3(settings: s3.S3Settings | None) -> Iterator[None]:
+    """Inside the block, `s3.client()` and error messages use `settings` (when given)."""
+    if settings is None:
+        yield
+        return
+    with s3.overridden(settings):
+        yield
 
 
 def check_readable(url: str | os.PathLike[str], subject: str) -> None:

@@ -25,6 +25,7 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -131,9 +132,28 @@ _lock = threading.Lock()
 _clients: dict[tuple[S3Settings, int], Any] = {}
 
 
+_override: ContextVar[S3Settings | None] = ContextVar("s3_settings_override", default=None)
+
+
 def settings() -> S3Settings:
-    """The current S3 settings (read from the environment now)."""
-    return S3Settings.from_env()
+    """The current S3 settings (read from the environment now, unless `overridden`)."""
+    return _override.get() or S3Settings.from_env()
+
+
+@contextmanager
+def overridden(current: S3Settings) -> Iterator[None]:
+    """Use `current` instead of the environment's settings inside the block (this thread only)."""
+    token = _override.set(current)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def has_credentials(current: S3Settings | None = None) -> bool:
+    """Whether boto3 finds credentials (environment, profile, or the host's role) for `current`."""
+    current = current or settings()
+    return boto3.session.Session(region_name=current.region).get_credentials() is not None
 
 
 def client(current: S3Settings | None = None) -> Any:
