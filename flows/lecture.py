@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.runtime import flow_run
 from pydantic import Field, ValidationInfo, field_validator
 
 from flows.dispatch import run_on_gpu_workers
@@ -39,6 +40,7 @@ from liveavatar_core.manifest import (
     job_key,
 )
 from liveavatar_core.timebase import AUDIO_SAMPLE_RATE
+from tasks.artifacts import lecture_artifacts
 from tasks.finish import assemble, encode_audio_track, probe_output, publish, quality_check, render_report
 from tasks.generate import generate_segment
 from tasks.models import EngineChoice, PlannedSegment, PortraitPrep, PromptPrep, SegmentJob, SegmentOutput
@@ -170,6 +172,10 @@ class LectureParams(FormModel):
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
+    def display_title(self) -> str:
+        """The lecture's title, or its audio file's name."""
+        return self.title or PurePosixPath(self.audio).stem
+
     def work_store(self) -> str:
         work = self.work or os.environ.get("LIVEAVATAR_WORK") or DEFAULT_WORK
         return work if storage.is_remote(work) else str(storage.local_path(work))
@@ -178,7 +184,15 @@ class LectureParams(FormModel):
         return self.checkpoint_dir or os.environ.get("LIVEAVATAR_CHECKPOINT_DIR")
 
 
-@flow(name="produce_lecture")
+def lecture_run_name() -> str:
+    """A lecture run is named after the lecture (its title, else its audio file's name)."""
+    params = flow_run.parameters.get("params")
+    if isinstance(params, dict):
+        params = LectureParams.model_validate(params)
+    return params.display_title() if isinstance(params, LectureParams) else "lecture"
+
+
+@flow(name="produce_lecture", flow_run_name=lecture_run_name)
 def produce_lecture(params: LectureParams) -> dict[str, str]:
     """Produce one lecture video and publish it to `params.out`; returns the published URLs."""
     log = get_run_logger()
@@ -222,7 +236,7 @@ def produce_lecture(params: LectureParams) -> dict[str, str]:
 
     manifest = Manifest(
         job_key=key,
-        lecture={"title": params.title or PurePosixPath(params.audio).stem, "destination": params.out},
+        lecture={"title": params.display_title(), "destination": params.out},
         inputs=inputs,
         settings=settings,
         engine=EngineInfo(
@@ -248,14 +262,17 @@ def produce_lecture(params: LectureParams) -> dict[str, str]:
         timings_s={name: round(seconds, 3) for name, seconds in timings.items()},
     )
     with stage("report"):
-        html = render_report(video_url, manifest.model_dump(by_alias=True), qc_report)
+        record = manifest.model_dump(by_alias=True)
+        html = render_report(video_url, record, qc_report)
     if not qc_report["passed"] and not params.allow_qc_fail:
         failed = ", ".join(c["name"] for c in qc_report["checks"] if not c["passed"])
         report_url = storage.join(work, "lectures", key, "report.html")
         storage.write_bytes(report_url, html.encode())
+        lecture_artifacts({"report.html": report_url, "video.mp4": video_url}, record, qc_report, False)
         raise QCFailed(f"quality check failed ({failed}); nothing was published; report: {report_url}")
 
     published = publish(params.out, video_url, json.dumps(qc_report, indent=2), html, manifest.to_json())
+    lecture_artifacts(published, record, qc_report, True)
     log.info("published %s", ", ".join(published.values()))
     return published
 
@@ -376,7 +393,7 @@ class _Progress:
         self.generated_s = 0.0  # lecture seconds generated (not cached) in this run
         self.generation_wall = 0.0
         self.start = time.monotonic()
-        self.artifact = create_progress_artifact(progress=0.0, description="Segments generated")
+        self.artifact = create_progress_artifact(progress=0.0, description=f"0 of {self.total} segments")
 
     def done(self, seg: PlannedSegment, cached: bool, seconds: float) -> None:
         length = (seg.end_sample - seg.start_sample) / AUDIO_SAMPLE_RATE
@@ -400,7 +417,12 @@ class _Progress:
             _clock(time.monotonic() - self.start),
             eta,
         )
-        update_progress_artifact(self.artifact, progress=100.0 * self.count / self.total)
+        update_progress_artifact(
+            self.artifact,
+            progress=100.0 * self.count / self.total,
+            description=f"{self.count} of {self.total} segments ({100 * self.count // self.total}%) · "
+            f"{self.done_s:.0f} of {self.total_s:.0f} s of lecture · ETA {eta}",
+        )
 
 
 def _clock(seconds: float) -> str:

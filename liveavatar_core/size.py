@@ -36,15 +36,16 @@ def normalise(text: str) -> str:
     if not match:
         raise ValueError(f"{text!r} is not a size: write auto, or WIDTHxHEIGHT in pixels such as 704x384")
     width, height = int(match.group(1)), int(match.group(2))
+    size = f"{width}x{height}"
     for name, side in (("width", width), ("height", height)):
         if side % SIDE_MULTIPLE:
             raise ValueError(
-                f"{name} {side} is not a multiple of {SIDE_MULTIPLE} "
-                f"(try {_nearest(side)}; LiveAvatar needs multiples of {AUTO_MULTIPLE})"
+                f"{size} has {name} {side}, not a multiple of {SIDE_MULTIPLE} (try "
+                f"{_nearest(width)}x{_nearest(height)}; liveavatar needs multiples of {AUTO_MULTIPLE})"
             )
         if not MIN_SIDE <= side <= MAX_SIDE:
-            raise ValueError(f"{name} {side} is outside {MIN_SIDE}-{MAX_SIDE} pixels")
-    return f"{width}x{height}"
+            raise ValueError(f"{size} has {name} {side}, outside {MIN_SIDE}-{MAX_SIDE} pixels")
+    return size
 
 
 def resolve(size: str, aspect: float | None = None) -> tuple[int, int]:
@@ -86,4 +87,4 @@ def image_aspect(path: str | os.PathLike[str]) -> float | None:
 
 
 def _nearest(side: int) -> int:
-    return max(MIN_SIDE, round(side / SIDE_MULTIPLE) * SIDE_MULTIPLE)
+    return min(MAX_SIDE, max(MIN_SIDE, round(side / SIDE_MULTIPLE) * SIDE_MULTIPLE))

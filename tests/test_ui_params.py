@@ -75,9 +75,9 @@ def test_server_refuses_a_malformed_size_on_the_size_field(size):
 @pytest.mark.parametrize(
     ("size", "message"),
     [
-        ("700x384", "width 700 is not a multiple of 16 (try 704"),
-        ("704x390", "height 390 is not a multiple of 16 (try 384"),
-        ("32x64", "width 32 is outside 64-2048 pixels"),
+        ("700x384", "700x384 has width 700, not a multiple of 16 (try 704x384"),
+        ("704x390", "704x390 has height 390, not a multiple of 16 (try 704x384"),
+        ("32x64", "32x64 has width 32, outside 64-2048 pixels"),
         ("huge", "'huge' is not a size: write auto, or WIDTHxHEIGHT"),
     ],
 )
@@ -101,5 +101,5 @@ def test_empty_optional_text_means_unset_and_sizes_normalise():
     assert params.title is None and params.work is None and params.size == "1280x720"
     assert LectureParams(**REQUIRED).size == "auto"
     assert CourseParams(course="c.yaml", size="").size is None
-    with pytest.raises(ValidationError, match="height 721 is not a multiple of 16"):
+    with pytest.raises(ValidationError, match="height 721, not a multiple of 16"):
         CourseParams(course="c.yaml", size="1280x721")
