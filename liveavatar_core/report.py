@@ -220,6 +220,16 @@ def _file_facts(video: Path) -> str:
     return "; ".join(facts)
 
 
+def _picture_section(picture: Any) -> str:
+    """QC's picture part (identity, lip-sync proxy, motion), from templates/qc_picture.html.j2."""
+    if not isinstance(picture, Mapping):
+        return ""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("liveavatar_core", "templates"), autoescape=True)
+    return env.get_template("qc_picture.html.j2").render(picture=picture)
+
+
 def render_report(
     video_path: str | os.PathLike[str],
     manifest: Mapping[str, Any],
@@ -299,6 +309,7 @@ def render_report(
         _table(seg_headers, _segment_rows(segments), "no segments recorded"),
         "<h2>Quality control</h2>",
         _table(qc_headers, _qc_rows(_list(_get(qc, "checks"))), "no QC results"),
+        _picture_section(_get(qc, "picture")),
         "<h2>Warnings</h2>",
         warn_html,
         "</body></html>",
