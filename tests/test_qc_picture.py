@@ -139,7 +139,7 @@ def test_preview_lecture_passes_every_check_with_lip_sync_at_lag_0(good, speech)
     assert all(abs(s["lag_frames"]) <= 1 and s["passed"] for s in _seg(report, "lip_sync"))
     ident = _seg(report, "identity")
     assert all(i["passed"] and i["faces_missing"] == 0 and i["worst"] < 0.4 for i in ident)
-    assert [len(i["samples"]) for i in ident] == [2, 2, 2]  # first keyframe and last frame
+    assert [len(i["samples"]) for i in ident] == [1, 1, 1]  # the last frame (10-s segments)
     assert report.picture["frozen"] == []
     assert [c["at_s"] for c in report.picture["cuts"]] == [10.0, 20.0]
     assert all(c["ratio"] < motion.JUMP_RATIO for c in report.picture["cuts"])
@@ -221,7 +221,7 @@ def test_no_face_fails_identity_and_lip_sync(tmp_path, speech, astronaut):
     report = _qc(_faceless(tmp_path, speech, astronaut), speech)
     assert {"identity", "lip_sync"} <= set(report.to_dict()["failed"])
     assert all(i["faces_missing"] == len(i["samples"]) for i in _seg(report, "identity"))
-    assert "no face in 2 of 2 samples" in report.check("identity").detail
+    assert "no face in 1 of 1 samples" in report.check("identity").detail
 
 
 def test_random_weights_skip_the_picture_gates_and_say_so(tmp_path, speech, astronaut):
@@ -251,7 +251,7 @@ def test_report_shows_the_picture_section(good, speech):
     html = render_report(good, {}, report.to_dict(), thumbnails=1)
     section = html[html.index('<section id="qc-picture">') :]
     assert "Lip-sync <strong>proxy</strong>" in section and "best lag <strong>0</strong>" in section
-    assert section.count("<svg") == 3 and section.count("<polyline") == 3  # one sparkline per segment
+    assert section.count("<svg") == 1 and section.count("<circle") == 3  # identity samples over time
     assert section.count('alt="last frame before the cut') == 2
     assert "Worst identity samples" in section
 
