@@ -141,7 +141,7 @@ def run_stages(audio: str, work: str, out: str, size: str) -> dict:
     with stage("assemble (concat + mux)"):
         video = assemble.fn(outputs, track["url"], work, "bench")
     with stage("quality check"):
-        qc = quality_check.fn(video, prep, sum(p.frames for p in plan))
+        qc = quality_check.fn(video, prep, [p.frames for p in plan], face, engine)
         probe_output.fn(video)
     with stage("report"):
         html = render_report.fn(video, {"segments": [o.model_dump() for o in outputs]}, qc)

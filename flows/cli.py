@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_course(commands)
     _add_worker(commands)
     _add_deploy(commands)
+    _add_qc(commands)
     return parser
 
 
@@ -388,6 +389,48 @@ def _run_deploy(args: argparse.Namespace) -> int:
     with _client() as client:
         for d in client.read_deployments():
             print(f"deployment {d.name}: pool {d.work_pool_name}, entrypoint {d.entrypoint}")
+    return EXIT_OK
+
+
+def _add_qc(commands) -> None:
+    p = commands.add_parser(
+        "qc",
+        help="check any lecture video (container, sound, picture); exit 1 if a gate fails",
+        description="Run every quality check (container, sound, identity, lip-sync proxy, motion) on a video "
+        "made here or elsewhere, against its lecture audio and portrait; write qc.json and report.html to "
+        "DIR. Exit 0 when every gate passes, 1 when one fails, 2 for bad input.",
+    )
+    p.add_argument("--video", required=True, metavar="V", help="the lecture video (mp4)")
+    p.add_argument("--audio", required=True, metavar="A", help="the lecture audio it was made from")
+    p.add_argument("--image", required=True, metavar="I", help="the portrait it was made from")
+    p.add_argument("--out", required=True, metavar="DIR", help="local directory for qc.json and report.html")
+    p.add_argument(
+        "--manifest",
+        metavar="M",
+        help="its manifest.json: judge per segment and at each cut (else 30-s stretches)",
+    )
+    p.add_argument(
+        "--no-face",
+        metavar="WHY",
+        help="the video shows no face (e.g. random weights): skip the picture gates",
+    )
+    p.set_defaults(run=_run_qc)
+
+
+def _run_qc(args: argparse.Namespace) -> int:
+    from liveavatar_core.errors import InputError, LiveAvatarError
+    from liveavatar_core.qc_video import check_video
+
+    try:
+        report = check_video(args.video, args.audio, args.image, args.out, args.manifest, args.no_face)
+    except InputError as exc:
+        return _fail(EXIT_BAD_INPUT, str(exc))
+    except LiveAvatarError as exc:
+        return _fail(EXIT_FAILED, str(exc))
+    for check in report.checks:
+        print(f"{'pass' if check.passed else 'FAIL':4} {check.name:18} {check.detail}")
+    if report.failures:
+        return _fail(EXIT_FAILED, f"{args.video} failed QC: {', '.join(c.name for c in report.failures)}")
     return EXIT_OK
 
 

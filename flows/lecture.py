@@ -39,6 +39,7 @@ from liveavatar_core.manifest import (
     Settings,
     job_key,
 )
+from liveavatar_core.qc import without_images
 from liveavatar_core.timebase import AUDIO_SAMPLE_RATE
 from tasks.artifacts import lecture_artifacts
 from tasks.finish import assemble, encode_audio_track, probe_output, publish, quality_check, render_report
@@ -46,6 +47,7 @@ from tasks.generate import generate_segment
 from tasks.models import EngineChoice, PlannedSegment, PortraitPrep, PromptPrep, SegmentJob, SegmentOutput
 from tasks.prepare import plan_segments as plan_segments_task
 from tasks.prepare import prepare_audio, prepare_portrait, prepare_prompt
+from tasks.qc import picture_artifact
 from tasks.results import result_storage
 from tasks.size import choose_size
 from tasks.stage import check_destination, stage_input
@@ -231,7 +233,8 @@ def produce_lecture(params: LectureParams) -> dict[str, str]:
     with stage("assemble"):
         video_url = assemble(outputs, audio_track.result(), work, key)
     with stage("qc"):
-        qc_report = quality_check(video_url, prep, sum(p.frames for p in plan))
+        qc_report = quality_check(video_url, prep, [p.frames for p in plan], face, engine)
+        picture_artifact(qc_report, key)
         info = probe_output(video_url)
 
     manifest = Manifest(
@@ -257,7 +260,7 @@ def produce_lecture(params: LectureParams) -> dict[str, str]:
             width=info.video.width,
             height=info.video.height,
         ),
-        qc=qc_report,
+        qc=without_images(qc_report),
         warnings=face.warnings + text.warnings,
         timings_s={name: round(seconds, 3) for name, seconds in timings.items()},
     )
@@ -271,7 +274,8 @@ def produce_lecture(params: LectureParams) -> dict[str, str]:
         lecture_artifacts({"report.html": report_url, "video.mp4": video_url}, record, qc_report, False)
         raise QCFailed(f"quality check failed ({failed}); nothing was published; report: {report_url}")
 
-    published = publish(params.out, video_url, json.dumps(qc_report, indent=2), html, manifest.to_json())
+    qc_json = json.dumps(without_images(qc_report), indent=2)
+    published = publish(params.out, video_url, qc_json, html, manifest.to_json())
     lecture_artifacts(published, record, qc_report, True)
     log.info("published %s", ", ".join(published.values()))
     return published

@@ -9,9 +9,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from liveavatar_core import audio, media, qc, report, storage
+from liveavatar_core.portrait import load_rgb
 
 from .common import TRANSIENT_RETRIES
-from .models import AudioPrep, SegmentOutput
+from .models import AudioPrep, EngineChoice, PortraitPrep, SegmentOutput
 from .prepare import PUBLISHED_TRUE_PEAK_DB, TARGET_LUFS
 
 
@@ -59,11 +60,38 @@ def assemble(outputs: list[SegmentOutput], audio_track_url: str, work: str, job_
 
 
 @task(name="quality-check", **TRANSIENT_RETRIES)
-def quality_check(video_url: str, prep: AudioPrep, expected_frames: int) -> dict:
-    """Run QC on the assembled lecture; returns the QC report as a dict (passed, checks)."""
-    with storage.local_file(video_url) as path:
+def quality_check(
+    video_url: str,
+    prep: AudioPrep,
+    segment_frames: list[int],
+    face: PortraitPrep | None = None,
+    engine: EngineChoice | None = None,
+) -> dict:
+    """Run QC on the assembled lecture; returns the QC report as a dict (passed, failed, checks, picture).
+
+    With the portrait, the picture is checked per segment against it; random weights show no face, so
+    their picture gates are skipped, and qc.json says so.
+    """
+    starts = [sum(segment_frames[:k]) for k in range(len(segment_frames))]
+    segments = [(a, a + n) for a, n in zip(starts, segment_frames, strict=True)]
+    skip = (
+        "random weights: the video shows no face"
+        if engine is not None and engine.weights == "random"
+        else None
+    )
+    with ExitStack() as stack:
+        path = stack.enter_context(storage.local_file(video_url))
+        portrait = None
+        if face is not None and skip is None:
+            portrait = load_rgb(stack.enter_context(storage.local_file(face.url)), "portrait", [])
         result = qc.run_qc(
-            path, expected_frames=expected_frames, audio_duration_s=prep.duration_s, speech_spans=prep.speech
+            path,
+            expected_frames=sum(segment_frames),
+            audio_duration_s=prep.duration_s,
+            speech_spans=prep.speech,
+            portrait=portrait,
+            segments=segments,
+            skip_picture=skip,
         )
     log = get_run_logger()
     for check in result.checks:

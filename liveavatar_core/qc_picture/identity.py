@@ -15,7 +15,7 @@ import face_recognition_models
 import numpy as np
 
 THRESHOLD = 0.6  # descriptor distance above which a face is not the portrait's person (docs/qc.md)
-DETECT_SIDE = 384  # frames are searched at most this many pixels on their longer side
+DETECT_SIDE = 384  # frames are searched scaled to this many pixels on their longer side
 
 
 @cache

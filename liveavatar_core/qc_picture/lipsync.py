@@ -17,14 +17,15 @@ from ..timebase import AUDIO_SAMPLE_RATE, FPS, SAMPLES_PER_FRAME
 
 MAX_LAG = 10  # frames searched either way
 MAX_ABS_LAG = 1  # gate: the best lag must be within this many frames of 0
-MIN_CORRELATION = 0.3  # gate: the best correlation must reach this (docs/qc.md)
+MIN_CORRELATION = 0.4  # gate: the best correlation must reach this (calibration: docs/qc.md)
 MIN_SPEECH_FRAMES = 25  # a window with less speech than this is not judged
 _PATCH = 32  # the mouth patch is _PATCH x _PATCH pixels
 _FLOOR_DB = 40.0  # the envelope is floored this far under the window's loudest frame
 
 
-def mouth_patch(gray: np.ndarray, shape: dlib.full_object_detection) -> np.ndarray:
-    """The mouth region as a square patch aligned with the eye line (from the nose base down to the chin)."""
+def mouth_transform(shape: dlib.full_object_detection) -> np.ndarray:
+    """Patch pixels -> image pixels for the mouth region: aligned with the eye line, from the nose base
+    down to the chin, 0.9 eye distances wide."""
     p = np.array([(shape.part(i).x, shape.part(i).y) for i in range(5)], np.float32)
     left, right = p[0:2].mean(axis=0), p[2:4].mean(axis=0)
     if left[0] > right[0]:
@@ -36,10 +37,16 @@ def mouth_patch(gray: np.ndarray, shape: dlib.full_object_detection) -> np.ndarr
     origin = p[4] + y * (0.1 * eyes) - x * (0.45 * eyes)
     step = 0.9 * eyes / _PATCH
     # Patch pixel (u, v) -> image origin + u * step * x + v * step * y.
-    m = np.array([[x[0] * step, y[0] * step, origin[0]], [x[1] * step, y[1] * step, origin[1]]], np.float32)
+    return np.array(
+        [[x[0] * step, y[0] * step, origin[0]], [x[1] * step, y[1] * step, origin[1]]], np.float32
+    )
+
+
+def mouth_patch(gray: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """The mouth region as a square patch (see `mouth_transform`)."""
     return cv2.warpAffine(
         gray,
-        m,
+        transform,
         (_PATCH, _PATCH),
         flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
         borderMode=cv2.BORDER_REPLICATE,

@@ -1,9 +1,10 @@
 """Picture QC fed from QC's single decode pass: identity, lip-sync proxy and motion, per segment.
 
 What is decoded (cost, docs/qc.md): every keyframe (QC decodes those anyway) and, per segment, the
-GOPs of its last `LIP_WINDOW_FRAMES` frames (the lip-sync window, which also gives the frames before
-the next cut). Identity is sampled on keyframes every `IDENTITY_EVERY_S` seconds and on each
-segment's last frame; everything else works on luma, downscaled.
+GOPs that hold its last `LIP_WINDOW_FRAMES` frames at least (the lip-sync window, which also gives
+the frame before the next cut). Identity is sampled on each segment's last frame (where drift has
+gone furthest) and on keyframes every `IDENTITY_EVERY_S` seconds before it; the landmarks for the
+mouth every `LANDMARK_EVERY` frames. Everything else works on luma, downscaled.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from ..qc import QCCheck
 from ..timebase import FPS
 from . import identity, lipsync, motion
 
-LIP_WINDOW_FRAMES = 100  # the window starts at the first keyframe at or after this many frames before the end
-IDENTITY_EVERY_S = 30.0  # plus every segment's last frame (cost: docs/qc.md)
+LIP_WINDOW_FRAMES = 50  # at least this many frames: from the keyframe at or before end - 50 (2-3 s)
+IDENTITY_EVERY_S = 30.0  # keyframe samples this far apart, besides each segment's last frame (docs/qc.md)
+LANDMARK_EVERY = 5  # frames; the mouth patch stays where the last landmarks put it in between
+GOP_GUESS = FPS  # frames per GOP assumed when placing the window (the line's segments use 1 s)
 THUMB_WIDTH = 96
 MAX_CUT_PICTURES = 24  # cuts shown in the report: all up to this many, else the largest jumps
 WORST_PICTURES = 6
@@ -63,6 +66,7 @@ class _Segment:
     lip_start: int | None = None
     mouth: dict[int, float] = field(default_factory=dict)
     face_box: Any = None
+    mouth_at: Any = None  # the patch transform from the latest landmarks, and their frame index
     searched_at: int = -_DETECT_EVERY
     steps: list[tuple[int, float]] = field(default_factory=list)
     first: np.ndarray | None = None
@@ -70,7 +74,7 @@ class _Segment:
 
     @property
     def window_from(self) -> int:
-        return max(self.start, self.end - LIP_WINDOW_FRAMES)
+        return max(self.start, self.end - LIP_WINDOW_FRAMES - GOP_GUESS + 1)
 
 
 class PictureQC:
@@ -101,7 +105,10 @@ class PictureQC:
         if isinstance(segments, int):
             step = round(STRETCH_S * fps)
             segments = [(a, min(a + step, segments)) for a in range(0, segments, step)]
-        self.segments = [_Segment(i, a, b, next_identity=a) for i, (a, b) in enumerate(segments)]
+        self.segments = [
+            _Segment(i, a, b, next_identity=a + round(IDENTITY_EVERY_S * fps))
+            for i, (a, b) in enumerate(segments)
+        ]
         self._starts = [s.start for s in self.segments]
         self._prev: tuple[int, np.ndarray] | None = None
         self._prev_key: tuple[int, np.ndarray] | None = None
@@ -137,9 +144,11 @@ class PictureQC:
         if last:
             seg.last = thumb
             seg.thumbs[index] = _thumb(frame)
-        if self.reference is not None and ((key and index >= seg.next_identity) or last):
+        early = key and index >= seg.next_identity and index < seg.end - IDENTITY_EVERY_S * self.fps / 2
+        if self.reference is not None and (early or last):
             seg.next_identity = index + round(IDENTITY_EVERY_S * self.fps)
-            found = identity.descriptor(frame.to_ndarray(format="rgb24"))
+            # The last frame lies in the lip window, whose face box is known: no second search.
+            found = identity.descriptor(frame.to_ndarray(format="rgb24"), seg.face_box if last else None)
             seg.identity.append((index, None if found is None else identity.distance(self.reference, found)))
             seg.thumbs.setdefault(index, _thumb(frame))
         if self.reference is not None and index >= seg.window_from and (seg.lip_start is not None or key):
@@ -151,9 +160,11 @@ class PictureQC:
         if seg.face_box is None and index - seg.searched_at >= _DETECT_EVERY:
             seg.searched_at = index
             seg.face_box = identity.find_face(gray)
-        if seg.face_box is not None:
-            patch = lipsync.mouth_patch(gray, identity.landmarks(gray, seg.face_box))
-            seg.mouth[index] = lipsync.mouth_opening(patch)
+        if seg.face_box is None:
+            return
+        if seg.mouth_at is None or index - seg.mouth_at[1] >= LANDMARK_EVERY:
+            seg.mouth_at = (lipsync.mouth_transform(identity.landmarks(gray, seg.face_box)), index)
+        seg.mouth[index] = lipsync.mouth_opening(lipsync.mouth_patch(gray, seg.mouth_at[0]))
 
     def finish(self, video_path: str) -> tuple[list[QCCheck], dict[str, Any]]:
         """The four picture gates and the qc.json `picture` section (with report images)."""

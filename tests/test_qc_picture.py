@@ -1,0 +1,308 @@
+"""Picture QC on real videos made by the preview engine: identity, the lip-sync proxy, motion, `qc`.
+
+Each lecture is the bundled speech (normalised to -16 LUFS) rendered by the preview engine from a
+real portrait in 10-s segments and assembled with the line's own code; defects are made the way they
+happen: the sound muxed late, another person, a stuck picture, a segment that starts elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import soundfile as sf
+from skimage.data import lfw_subset
+
+from flows.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
+from liveavatar_core.audio import normalize_to_wav
+from liveavatar_core.engines.base import GenerationConfig, SegmentRequest
+from liveavatar_core.engines.preview import PreviewEngine
+from liveavatar_core.media import VideoWriter, assemble
+from liveavatar_core.portrait import Portrait, load_rgb, prepare_portrait
+from liveavatar_core.qc import run_qc, without_images
+from liveavatar_core.qc_picture import lipsync, motion
+from liveavatar_core.timebase import SAMPLES_PER_FRAME
+from liveavatar_core.vad import detect_speech
+
+HEIGHT, WIDTH = 704, 384
+SEG_FRAMES = 250
+PORTRAIT = Path(__file__).resolve().parents[1] / "examples" / "portrait.jpg"
+PICTURE_CHECKS = ["identity", "lip_sync", "no_frozen_speech", "no_jump_at_cuts"]
+
+
+class _Edit:
+    """A frame sink that rewrites frames on their way to the writer (frame index within the segment)."""
+
+    def __init__(self, writer: VideoWriter, edit: Callable[[int, np.ndarray], np.ndarray] | None):
+        self.writer, self.edit, self.index = writer, edit, 0
+
+    def write(self, frames: np.ndarray) -> None:
+        out = frames.copy()
+        for k in range(len(out)):
+            if self.edit is not None:
+                out[k] = self.edit(self.index + k, out[k])
+        self.index += len(out)
+        self.writer.write(out)
+
+
+class Speech:
+    def __init__(self, folder: Path):
+        norm = normalize_to_wav(PORTRAIT.parent / "lecture.mp3", folder / "speech.wav")
+        self.wav = norm.path
+        self.samples = norm.samples
+        self.frames = -(-self.samples // SAMPLES_PER_FRAME)
+        self.spans = detect_speech(self.wav)
+        cuts = [*range(0, self.frames, SEG_FRAMES), self.frames]
+        self.segments = list(zip(cuts, cuts[1:], strict=False))
+
+
+def _render(folder: Path, speech: Speech, portraits: list[Portrait], edits=None, handoff=True) -> list[Path]:
+    """Segment files rendered by the preview engine (portraits[k] for segment k, its handoff carried)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    audio, _ = sf.read(str(speech.wav), dtype="float32")
+    engine, config = PreviewEngine(), GenerationConfig(height=HEIGHT, width=WIDTH)
+    paths, state = [], None
+    for k, (a, b) in enumerate(speech.segments):
+        p = portraits[k]
+        path = folder / f"seg{k}.mp4"
+        with VideoWriter(path, WIDTH, HEIGHT) as writer:
+            request = SegmentRequest(
+                audio=audio[a * SAMPLES_PER_FRAME : b * SAMPLES_PER_FRAME], num_frames=b - a,
+                portrait=p.image, prompt="", seed=0, config=config, face_box=p.face_box,
+                handoff=state if handoff else None,
+            )  # fmt: skip
+            state = engine.generate(request, _Edit(writer, (edits or {}).get(k))).handoff
+        paths.append(path)
+    return paths
+
+
+def _lecture(paths: list[Path], wav: Path, out: Path) -> Path:
+    assemble(paths, wav, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> Speech:
+    return Speech(tmp_path_factory.mktemp("speech"))
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> Portrait:
+    return prepare_portrait(PORTRAIT, height=HEIGHT, width=WIDTH)
+
+
+@pytest.fixture(scope="module")
+def good_segments(tmp_path_factory, speech, astronaut) -> list[Path]:
+    return _render(tmp_path_factory.mktemp("good"), speech, [astronaut] * len(speech.segments))
+
+
+@pytest.fixture(scope="module")
+def good(good_segments, speech) -> Path:
+    return _lecture(good_segments, speech.wav, good_segments[0].parent / "lecture.mp4")
+
+
+@pytest.fixture(scope="module")
+def shifted(good_segments, speech) -> Path:
+    """The good picture with its sound muxed 4 frames (160 ms) late."""
+    audio, sr = sf.read(str(speech.wav), dtype="float32")
+    late = 4 * SAMPLES_PER_FRAME
+    wav = good_segments[0].parent / "late.wav"
+    sf.write(str(wav), np.concatenate([np.zeros(late, np.float32), audio[:-late]]), sr, subtype="PCM_16")
+    return _lecture(good_segments, wav, good_segments[0].parent / "late.mp4")
+
+
+def _qc(path: Path, speech: Speech, **kw):
+    args = {
+        "expected_frames": speech.frames,
+        "audio_duration_s": speech.samples / 16_000,
+        "speech_spans": speech.spans,
+        "portrait": load_rgb(PORTRAIT, "portrait", []),
+        "segments": speech.segments,
+    }
+    return run_qc(path, **(args | kw))
+
+
+def _seg(report, name: str) -> list:
+    return [s[name] for s in report.picture["segments"]]
+
+
+def test_preview_lecture_passes_every_check_with_lip_sync_at_lag_0(good, speech):
+    report = _qc(good, speech)
+    assert [c.name for c in report.checks][-4:] == PICTURE_CHECKS
+    assert report.passed, [c.detail for c in report.failures]
+    lip = report.picture["lip_sync"]
+    assert lip["lag_frames"] == 0 and lip["correlation"] > 0.8
+    assert all(abs(s["lag_frames"]) <= 1 and s["passed"] for s in _seg(report, "lip_sync"))
+    ident = _seg(report, "identity")
+    assert all(i["passed"] and i["faces_missing"] == 0 and i["worst"] < 0.4 for i in ident)
+    assert [len(i["samples"]) for i in ident] == [1, 1, 1]  # the last frame (10-s segments)
+    assert report.picture["frozen"] == []
+    assert [c["at_s"] for c in report.picture["cuts"]] == [10.0, 20.0]
+    assert all(c["ratio"] < motion.JUMP_RATIO for c in report.picture["cuts"])
+    data = report.to_dict()
+    assert data["failed"] == [] and data["picture"]["face_expected"] is True
+    images = data["picture"]["images"]
+    assert len(images["cuts"]) == 2 and images["cuts"][0]["before"].startswith("data:image/jpeg;base64,")
+    assert "images" not in without_images(data)["picture"]
+    json.dumps(without_images(data))
+
+
+def test_sound_4_frames_late_fails_lip_sync_with_lag_4(shifted, speech):
+    report = _qc(shifted, speech)
+    assert report.to_dict()["failed"] == ["lip_sync"]
+    check = report.check("lip_sync")
+    assert check.value["lag_frames"] == 4
+    segments = _seg(report, "lip_sync")
+    assert all(abs(s["lag_frames"] - 4) <= 1 and s["passed"] is False for s in segments), segments
+    assert "lecture lag 4 frames" in check.detail and check.detail.startswith("proxy")
+
+
+def test_another_person_in_the_second_half_fails_identity_in_those_segments(tmp_path, speech, astronaut):
+    # A second real person: a face from scikit-image's LFW subset, enlarged onto a plain canvas.
+    face = cv2.resize((lfw_subset()[0] * 255).astype(np.uint8), (200, 200), interpolation=cv2.INTER_CUBIC)
+    canvas = np.full((400, 300), int(np.median(face)), np.uint8)
+    canvas[80:280, 50:250] = face
+    other_path = tmp_path / "other.png"
+    cv2.imwrite(str(other_path), canvas)
+    other = prepare_portrait(other_path, height=HEIGHT, width=WIDTH)
+    paths = _render(tmp_path, speech, [astronaut, other, other], handoff=False)
+    report = _qc(_lecture(paths, speech.wav, tmp_path / "lecture.mp4"), speech)
+    check = report.check("identity")
+    assert not check.passed and check.value > 0.6
+    assert [i["passed"] for i in _seg(report, "identity")] == [True, False, False]
+    assert "segment 1: distance" in check.detail and "segment 0" not in check.detail
+    worst = report.picture["images"]["worst"]
+    assert worst[0]["segment"] in (1, 2) and worst[0]["distance"] > 0.6
+
+
+def test_frozen_stretch_during_speech_is_found(tmp_path, speech, astronaut):
+    # Segment 1 (10-20 s) shows one frame from 12.0 s to 14.0 s, while the voice goes on.
+    stuck: dict[str, np.ndarray] = {}
+
+    def freeze(i: int, frame: np.ndarray) -> np.ndarray:
+        if i == 50:
+            stuck["frame"] = frame.copy()
+        return stuck["frame"] if 50 <= i < 100 else frame
+
+    paths = _render(tmp_path, speech, [astronaut] * 3, edits={1: freeze})
+    report = _qc(_lecture(paths, speech.wav, tmp_path / "lecture.mp4"), speech)
+    assert report.to_dict()["failed"] == ["no_frozen_speech"]
+    [stretch] = report.picture["frozen"]
+    assert stretch["segment"] == 1 and 12.0 <= stretch["start_s"] and stretch["end_s"] <= 14.1
+    assert stretch["end_s"] - stretch["start_s"] >= 1.0
+
+
+def test_jump_at_a_cut_is_found(tmp_path, speech, astronaut):
+    # Segment 2 starts with the picture moved 40 px left: same person, same sound, a visible jump.
+    paths = _render(tmp_path, speech, [astronaut] * 3, edits={2: lambda i, f: np.roll(f, -40, axis=1)})
+    report = _qc(_lecture(paths, speech.wav, tmp_path / "lecture.mp4"), speech)
+    assert report.to_dict()["failed"] == ["no_jump_at_cuts"]
+    first, second = report.picture["cuts"]
+    assert first["ratio"] < motion.JUMP_RATIO < second["ratio"] and second["at_s"] == 20.0
+    assert "20.00 s" in report.check("no_jump_at_cuts").detail
+
+
+def _faceless(tmp_path: Path, speech: Speech, astronaut: Portrait) -> Path:
+    """What random weights give: moving smooth noise, no face (the engine's frames are replaced)."""
+    noise = cv2.GaussianBlur(
+        np.random.default_rng(5).integers(0, 255, (HEIGHT, WIDTH, 3), np.uint8), (0, 0), 9
+    )
+    paths = _render(
+        tmp_path, speech, [astronaut] * 3, edits=dict.fromkeys(range(3), lambda i, f: np.roll(noise, i, 0))
+    )
+    return _lecture(paths, speech.wav, tmp_path / "lecture.mp4")
+
+
+def test_no_face_fails_identity_and_lip_sync(tmp_path, speech, astronaut):
+    report = _qc(_faceless(tmp_path, speech, astronaut), speech)
+    assert {"identity", "lip_sync"} <= set(report.to_dict()["failed"])
+    assert all(i["faces_missing"] == len(i["samples"]) for i in _seg(report, "identity"))
+    assert "no face in 1 of 1 samples" in report.check("identity").detail
+
+
+def test_random_weights_skip_the_picture_gates_and_say_so(tmp_path, speech, astronaut):
+    reason = "random weights: the video shows no face"
+    report = _qc(_faceless(tmp_path, speech, astronaut), speech, portrait=None, skip_picture=reason)
+    data = report.to_dict()
+    assert data["picture"]["face_expected"] is False and data["picture"]["skipped"] == reason
+    for name in PICTURE_CHECKS:
+        check = report.check(name)
+        assert check.passed and check.detail.startswith(f"skipped: {reason}")
+    assert data["picture"]["lip_sync"] is None
+
+
+def test_lag_sign_and_value_on_plain_signals():
+    rng = np.random.default_rng(1)
+    mouth = np.convolve(rng.random(200), np.ones(4) / 4, mode="same")
+    late = np.concatenate([np.zeros(3), mouth[:-3]])  # the sound 3 frames after the mouth
+    assert lipsync.best(lipsync.correlations(mouth, late))[0] == 3
+    assert lipsync.best(lipsync.correlations(late, mouth))[0] == -3
+    assert motion.frozen_runs([(i, 0.0 if 10 <= i < 30 else 3.0) for i in range(1, 50)]) == [(9, 29)]
+
+
+def test_report_shows_the_picture_section(good, speech):
+    from liveavatar_core.report import render_report
+
+    report = _qc(good, speech)
+    html = render_report(good, {}, report.to_dict(), thumbnails=1)
+    section = html[html.index('<section id="qc-picture">') :]
+    assert "Lip-sync <strong>proxy</strong>" in section and "best lag <strong>0</strong>" in section
+    assert section.count("<svg") == 1 and section.count("<circle") == 3  # identity samples over time
+    assert section.count('alt="last frame before the cut') == 2
+    assert "Worst identity samples" in section
+
+
+def _cli(*args: str) -> int:
+    return main(["qc", *args])
+
+
+def test_qc_command_exit_codes_and_files(tmp_path, good, shifted, speech, capsys):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"segments": [{"frames": b - a} for a, b in speech.segments]}))
+    common = [
+        "--audio",
+        str(PORTRAIT.parent / "lecture.mp3"),
+        "--image",
+        str(PORTRAIT),
+        "--manifest",
+        str(manifest),
+    ]
+    assert _cli("--video", str(good), "--out", str(tmp_path / "good"), *common) == EXIT_OK
+    data = json.loads((tmp_path / "good" / "qc.json").read_text())
+    assert (
+        data["passed"] is True and len(data["picture"]["segments"]) == 3 and "images" not in data["picture"]
+    )
+    assert 'id="qc-picture"' in (tmp_path / "good" / "report.html").read_text()
+
+    assert _cli("--video", str(shifted), "--out", str(tmp_path / "late"), *common) == EXIT_FAILED
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: {shifted} failed QC: lip_sync"
+    assert json.loads((tmp_path / "late" / "qc.json").read_text())["picture"]["lip_sync"]["lag_frames"] == 4
+
+    missing = tmp_path / "nope.mp4"
+    assert _cli("--video", str(missing), "--out", str(tmp_path / "bad"), *common) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --video {missing}: no such file"
+    faceless = tmp_path / "blank.png"
+    cv2.imwrite(str(faceless), np.full((300, 300, 3), 128, np.uint8))
+    args = [
+        "--video",
+        str(good),
+        "--out",
+        str(tmp_path / "bad"),
+        "--audio",
+        common[1],
+        "--image",
+        str(faceless),
+    ]
+    assert _cli(*args) == EXIT_BAD_INPUT
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(f"error: --image {faceless}: no face found")
+    )
+    assert not (tmp_path / "bad").exists()
