@@ -9,8 +9,16 @@ Reported per clip: seconds end to end and FPS (audio features, DiT, VAE decode i
 those three separately; peak GPU memory (torch.cuda.max_memory_allocated) against the engine's estimate;
 for compiled rows, how far the timed segment's last frame is from the eager row's (uint8 levels).
 
-Writes OUT/engine_bench.json and OUT/engine_bench.md. `--tiny` runs test-size random models (CPU is
-fine) to check the script end to end; `--check-backends` compares every backend (KV offload, weight
+`--orders` measures the denoising orders instead (`order.py`), at the first area, eager chains: per
+precision a warm-up clip, then the same `--clips`-clip segment in block order, in sweep order, in
+sweep order with the DiT weights streamed from host memory (`offload_weights`), and in block order
+with streamed weights (one clip: the old weight-offload rung); the frames' largest difference from the
+block order; and the start of a one-clip segment continued from the block-order segment's handoff,
+first from the rings the engine kept ("kept state"), then by replay (the kept rings are used up).
+A switch of weight placement gets its own untimed one-clip warm-up.
+
+Writes OUT/engine_bench.json and OUT/engine_bench.md (OUT/order_bench.json and .md with `--orders`).
+`--tiny` runs test-size random models (CPU is fine) to check the script end to end; `--check-backends` compares every backend (KV offload, weight
 offload, fp8, compile) against the plain run on a tiny model (offloads must be bit-identical).
 
     PYTHONPATH=. python benchmarks/engine_bench.py out/bench                # GPU, full size
@@ -147,6 +155,132 @@ def bench(engine: LiveAvatarEngine, config: GenerationConfig, clips: int) -> tup
     return row, last.last
 
 
+@dataclass
+class OrderRow:
+    precision: str
+    order: str
+    streamed_weights: bool
+    clips: int
+    status: str = "ok"
+    seconds_per_clip: float = 0.0
+    fps: float = 0.0
+    dit_seconds_per_clip: float = 0.0
+    peak_gib: float = 0.0
+    estimate_gib: float = 0.0
+    max_diff_vs_block: int | None = None  # every frame of the segment, uint8 levels
+    error: str = ""
+
+
+def bench_orders(
+    engine: LiveAvatarEngine, size: str, precision: str, clips: int, report
+) -> tuple[list[OrderRow], dict]:
+    """The order rows of one precision, and the segment-start costs (see the module docstring)."""
+    base = GenerationConfig.for_output(size, precision).replace(offload_encoders=True, compile=False)
+    engine.generate(request(base, FRAMES_PER_CLIP, seed=1), CountingSink())  # warm-up
+    variants = [
+        ("block", False, clips),
+        ("sweep", False, clips),
+        ("sweep", True, clips),
+        ("block", True, 1),
+    ]
+    rows, starts, reference = [], {"precision": precision}, None
+    placement = False
+    for order, streamed, n in variants:
+        config = base.replace(order=order, offload_weights=streamed)
+        row = OrderRow(precision, order, streamed, n, estimate_gib=engine.estimate_memory(config) / GiB)
+        sink = KeepingSink()
+        try:
+            if streamed != placement:  # the switch to streamed weights (pinning them) is not timed
+                engine.generate(request(config, FRAMES_PER_CLIP, seed=1), CountingSink())
+                placement = streamed
+            result = engine.generate(request(config, n * FRAMES_PER_CLIP, seed=2), sink)
+            row.seconds_per_clip = result.seconds / n
+            row.fps = n * FRAMES_PER_CLIP / result.seconds
+            row.dit_seconds_per_clip = result.details["timings"]["dit"] / n
+            row.peak_gib = result.peak_memory_bytes / GiB
+            frames = np.stack(sink.kept).astype(np.int16)
+            if reference is None:
+                reference = frames
+            if len(frames) == len(reference):  # a shorter segment hears other wav2vec2 windows
+                row.max_diff_vs_block = int(np.abs(frames - reference).max())
+            if order == "block" and not streamed:
+                for how in ("kept state", "replay"):  # the second use finds the kept rings used up
+                    started = engine.generate(
+                        request(config, FRAMES_PER_CLIP, seed=3, handoff=result.handoff), CountingSink()
+                    )
+                    assert started.details["continuation"] == how, started.details["continuation"]
+                    starts[how] = {
+                        "prepare_seconds": started.details["timings"]["prepare"],
+                        "segment_seconds": started.seconds,
+                    }
+        except OutOfMemory as exc:
+            row.status, row.error = "out of memory", str(exc)
+        except LiveAvatarError as exc:
+            row.status, row.error = "unavailable", str(exc)
+        rows.append(row)
+        report(row)
+    return rows, starts
+
+
+def orders_markdown(rows: list[OrderRow], starts: list[dict], device: str, size: str) -> str:
+    lines = [
+        f"Denoising orders, LiveAvatar random weights, {device}, {size}, 4 steps, eager chains, "
+        "encoders off the GPU; s / clip end to end (audio, DiT, VAE).",
+        "",
+        "| precision | order | weights | clips | s / clip | FPS | DiT s / clip | peak GiB | estimate GiB "
+        "| max diff vs block (uint8) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        weights = "streamed" if r.streamed_weights else "resident"
+        if r.status != "ok":
+            lines.append(f"| {r.precision} | {r.order} | {weights} | {r.clips} | {r.status} |  |  |  |  |  |")
+            continue
+        lines.append(
+            f"| {r.precision} | {r.order} | {weights} | {r.clips} | {r.seconds_per_clip:.2f} | {r.fps:.1f} "
+            f"| {r.dit_seconds_per_clip:.2f} | {r.peak_gib:.1f} | {r.estimate_gib:.1f} | {r.max_diff_vs_block} |"
+        )
+    lines += ["", "Start of a continued one-clip segment (block order):", ""]
+    lines += [
+        "| precision | kept state: prepare s | replay: prepare s | kept: segment s | replay: segment s |"
+    ]
+    lines += ["|---|---|---|---|---|"]
+    for s in starts:
+        if "replay" in s:
+            lines.append(
+                f"| {s['precision']} | {s['kept state']['prepare_seconds']:.2f} | {s['replay']['prepare_seconds']:.2f} "
+                f"| {s['kept state']['segment_seconds']:.2f} | {s['replay']['segment_seconds']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def run_orders(args, engine: LiveAvatarEngine, device_name: str) -> int:
+    size = args.sizes.split(",")[0].strip()
+    rows: list[OrderRow] = []
+    starts: list[dict] = []
+
+    def save(row: OrderRow | None = None) -> None:  # after every row: a run cut short keeps what it had
+        if row is not None:
+            rows.append(row)
+            print(json.dumps(asdict(row)), flush=True)
+        report = {
+            "device": device_name,
+            "torch": torch.__version__,
+            "size": size,
+            "rows": [asdict(r) for r in rows],
+        }
+        report["starts"] = starts
+        (args.out / "order_bench.json").write_text(json.dumps(report, indent=2))
+        (args.out / "order_bench.md").write_text(orders_markdown(rows, starts, device_name, size))
+
+    for precision in [p.strip() for p in args.precisions.split(",")]:  # bf16 before fp8: fp8 is one-way
+        _, start = bench_orders(engine, size, precision, args.clips, save)
+        starts.append(start)
+        save()
+    print((args.out / "order_bench.md").read_text())
+    return 0 if all(r.status == "ok" for r in rows) else 1
+
+
 def check_backends(device: str | None) -> list[dict]:
     """Every backend against the plain run, tiny random model: offloads exact, fp8/compile close."""
     engine = LiveAvatarEngine(random_weights=True, device=device, tiny=True)
@@ -161,6 +295,12 @@ def check_backends(device: str | None) -> list[dict]:
         "fp8_offload_weights": base.replace(fp8=True, offload_weights=True),
         "compile": base.replace(compile=True),
         "compile_offload_weights": base.replace(compile=True, offload_weights=True),
+        "sweep": base.replace(order="sweep"),
+        "sweep_offload_kv_cache": base.replace(order="sweep", offload_kv_cache=True),
+        "sweep_offload_weights": base.replace(order="sweep", offload_weights=True),
+        "sweep_offload_all": base.replace(
+            order="sweep", offload_encoders=True, offload_kv_cache=True, offload_weights=True
+        ),
     }
     results, reference = [], None
     for name, config in variants.items():
@@ -173,7 +313,7 @@ def check_backends(device: str | None) -> list[dict]:
             if reference is None:
                 reference = frames
             entry["max_abs_diff_vs_plain"] = int(np.abs(frames - reference).max())
-            entry["handoff"] = second.details["handoff_in"]
+            entry["handoff"] = f"{second.details['handoff_in']}, {second.details['continuation']}"
         except LiveAvatarError as exc:
             entry["error"] = str(exc)
         results.append(entry)
@@ -232,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         default="eager,compiled",
         help="comma-separated: eager, compiled (torch.compile of the chains)",
     )
+    parser.add_argument(
+        "--orders", action="store_true", help="block vs sweep order, streamed weights, starts"
+    )
     parser.add_argument("--check-backends", action="store_true", help="compare every backend on a tiny model")
     parser.add_argument("--check-backends-only", action="store_true", help="only the backend comparison")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
@@ -250,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     device_name = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     )
+    if args.orders:
+        return run_orders(args, engine, device_name)
     rows: list[Row] = []
     for precision in [p.strip() for p in args.precisions.split(",")]:  # bf16 before fp8: fp8 is one-way
         for size in [s.strip() for s in args.sizes.split(",")]:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from liveavatar_core.engines.liveavatar.config import DiTConfig
 from liveavatar_core.engines.liveavatar.handoff import Handoff
-from liveavatar_core.engines.liveavatar.order import SweepOrder
+from liveavatar_core.engines.liveavatar.order import SweepOrder, sweep_state_bytes
 from liveavatar_core.engines.liveavatar.pipeline import StreamSettings
 from liveavatar_core.timebase import SAMPLES_PER_FRAME
 
@@ -55,6 +56,11 @@ def test_sweep_groups_split_at_the_rolling_sink_and_at_the_group_size():
     assert SweepOrder(64).groups(frames, 12) == [[0, 3, 6, 9], [12, 15, 18, 21, 24, 27]]
     assert SweepOrder(4).groups(frames, 12) == [[0, 3, 6, 9], [12, 15, 18, 21], [24, 27]]
     assert SweepOrder(3).groups(frames[5:], 12) == [[15, 18, 21], [24, 27]]  # a continuing segment
+
+
+def test_a_full_size_sweep_of_64_blocks_holds_about_2_gb_of_hidden_states():
+    held = sweep_state_bytes(DiTConfig(), 88, 48, 64, 2)  # 704x384 in bf16
+    assert 64 * 3 * 1056 * 5120 * 2 < held < 2.4e9
 
 
 def test_sweep_order_equals_block_order_over_three_clips(engine, local_features, latents):  # noqa: F811

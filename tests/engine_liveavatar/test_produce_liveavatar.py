@@ -30,6 +30,9 @@ def test_a_lecture_is_published_segment_after_segment_through_the_handoff(
     segments = manifest["segments"]
     assert len(segments) >= 2
     assert [s["engine"]["handoff_in"] for s in segments] == ["none"] + ["continued"] * (len(segments) - 1)
+    # One engine made them all, so each continued from the rings it kept: exactly one long segment.
+    continuations = [s["engine"]["continuation"] for s in segments]
+    assert continuations == ["independent"] + ["kept state"] * (len(segments) - 1)
     assert all(s["engine"]["weights"] == "checkpoint" for s in segments)
     info = media.probe(out / "video.mp4")
     assert (info.video.width, info.video.height) == (64, 128)

@@ -356,6 +356,7 @@ class LiveAvatarDiT(nn.Module):
         audio = [a.to(self.device, self.compute_dtype) for a in audio]
         plan = ring_cache.context_plan(list(frame_indices), frames)
         xs = [block_inputs.x for block_inputs in inputs]
+        inputs = [block_inputs._replace(x=None) for block_inputs in inputs]  # one copy of the tokens
         layers = len(self.blocks)
         for i, block in enumerate(self.blocks):
             ring = ring_cache.open_layer(i, i + 1 if i + 1 < layers else None)

@@ -24,7 +24,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from .config import DiTConfig
 from .dit_audio import AudioTokens
+from .framepack import cond_token_count
 
 if TYPE_CHECKING:
     from .pipeline import SegmentRun
@@ -126,6 +128,17 @@ class SweepOrder:
                 yield work.x
 
 
+def sweep_state_bytes(
+    config: DiTConfig, latent_height: int, latent_width: int, blocks: int, itemsize: int
+) -> int:
+    """Device bytes a sweep holds beyond block order: every block's hidden state between layers (its
+    tokens x dim in the compute dtype) and its RoPE tables (own and sink tokens, float32 cos and sin)."""
+    fsl = config.tokens_per_frame(latent_height, latent_width)
+    tokens = config.block_frames * fsl
+    rope = (tokens + cond_token_count(config, latent_height, latent_width)) * config.head_dim * 4
+    return blocks * (tokens * config.dim * itemsize + rope)
+
+
 def make_order(name: str, group_blocks: int) -> DenoisingOrder:
     if name == "block":
         return BlockOrder()
@@ -134,4 +147,12 @@ def make_order(name: str, group_blocks: int) -> DenoisingOrder:
     raise ValueError(f"denoising order {name!r}: expected one of {', '.join(ORDERS)}")
 
 
-__all__ = ["ORDERS", "BlockOrder", "BlockWork", "DenoisingOrder", "SweepOrder", "make_order"]
+__all__ = [
+    "ORDERS",
+    "BlockOrder",
+    "BlockWork",
+    "DenoisingOrder",
+    "SweepOrder",
+    "make_order",
+    "sweep_state_bytes",
+]
