@@ -31,6 +31,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from ...errors import InputError
 from .config import CheckpointError, rename_state_dict
+from .vae_decode import DIFFUSERS, DecodeOptions, FusedDecoder
 
 # Wan2.1 latent statistics (per channel), the same numbers as diffusers' AutoencoderKLWan defaults.
 LATENTS_MEAN = (
@@ -211,11 +212,13 @@ class WanVideoVAE:
     """AutoencoderKLWan plus Wan2.1's latent normalisation and the reference's conventions.
 
     Device and dtype follow the model (`vae.to(device, dtype)`); inputs are moved to them, normalisation
-    runs in float32.
+    runs in float32. `decode_options` says how new decoder streams run (`vae_decode.py`): diffusers'
+    loop by default; the engine picks the fast one where it compiles.
     """
 
-    def __init__(self, model: AutoencoderKLWan):
+    def __init__(self, model: AutoencoderKLWan, decode_options: DecodeOptions = DIFFUSERS):
         self.model = model
+        self.decode_options = decode_options
         self.mean = torch.tensor(LATENTS_MEAN, dtype=torch.float32).view(1, Z_DIM, 1, 1, 1)
         self.std = torch.tensor(LATENTS_STD, dtype=torch.float32).view(1, Z_DIM, 1, 1, 1)
         self.encoder_convs = sum(isinstance(m, WanCausalConv3d) for m in model.encoder.modules())
@@ -359,6 +362,8 @@ class StreamingDecoder:
 
     def __init__(self, vae: WanVideoVAE):
         self.vae = vae
+        self.options = vae.decode_options
+        self.fused = FusedDecoder(vae.model.decoder, self.options) if self.options.fused else None
         self.reset()
 
     def reset(self) -> None:
@@ -368,21 +373,30 @@ class StreamingDecoder:
         self.latents_in = 0
 
     def _decode_latent(self, latent: torch.Tensor, first: bool) -> torch.Tensor:
+        """Latents [1, 16, k, h, w] (denormalised, model dtype) through the decoder; `first`: the stream's."""
         model = self.vae.model
         x = model.post_quant_conv(latent)  # 1x1x1 conv: per frame, no cache
+        if self.fused is not None:
+            return self.fused(x, self.cache).clamp_(-1.0, 1.0)
         out = model.decoder(x, feat_cache=self.cache, feat_idx=[0], first_chunk=first)
         return out.clamp(-1.0, 1.0)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents [1, 16, t, h, w] -> frames [1, 3, n, H, W] in [-1, 1] (model dtype)."""
+        """Normalised latents [1, 16, t, h, w] -> frames [1, 3, n, H, W] in [-1, 1] (model dtype).
+
+        A stream's first latent goes through alone (it is not upsampled in time); the others
+        `options.chunk` at a time."""
         if latents.ndim != 5 or latents.shape[1] != Z_DIM:
             raise ValueError(f"latents: expected [1, 16, t, h, w], got {tuple(latents.shape)}")
         z = self.vae.denormalize(latents).to(self.vae.device, self.vae.dtype)
         out = []
+        i = 0
         with torch.no_grad():
-            for i in range(z.shape[2]):
-                out.append(self._decode_latent(z[:, :, i : i + 1], first=self.latents_in == 0))
-                self.latents_in += 1
+            while i < z.shape[2]:
+                k = 1 if self.latents_in == 0 else self.options.chunk
+                out.append(self._decode_latent(z[:, :, i : i + k], first=self.latents_in == 0))
+                self.latents_in += z[:, :, i : i + k].shape[2]
+                i += k
         return torch.cat(out, dim=2)
 
     def decode_uint8(self, latents: torch.Tensor) -> np.ndarray:

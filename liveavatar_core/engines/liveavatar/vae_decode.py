@@ -1,0 +1,185 @@
+"""A faster forward for the Wan2.1 VAE decoder: same weights, same cache, fewer passes over memory.
+
+diffusers' `WanDecoder3d` runs one latent at a time in the reference loop, and every causal conv
+copies its input twice (`cat` with the cached frames, then `F.pad` for the spatial border); every
+RMS norm makes a float32 copy and then takes five element-wise passes; every 2-D upsample permutes
+the video to frames, upsamples in float32 and permutes back. `decode_chunk` walks the same modules
+with the same cache list (same slots, same "Rep" marker: states are interchangeable with diffusers'
+loop) but
+
+* takes several latents per call (the convs see longer clips: fewer, larger launches);
+* lets the conv pad the border itself (one copy per conv: the `cat` with the cache);
+* runs each RMS norm (+ SiLU) as one chain (`torch.compile`d into one kernel when asked);
+* runs the per-frame 2-D convs as 1x3x3 3-D convs, with no permutes, and upsamples in the model dtype
+  (nearest neighbour copies values, so that is exact);
+* optionally keeps activations channels-last (NDHWC), the layout cuDNN's tensor-core kernels use.
+
+Same function as diffusers' loop, rounded at the same steps; only the convs' algorithms may differ (other
+clip lengths, the border padded inside the conv), so values differ by rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    CACHE_T,
+    WanCausalConv3d,
+    WanDecoder3d,
+    WanResample,
+    WanResidualBlock,
+    WanRMS_norm,
+)
+
+NormAct = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How `StreamingDecoder` runs the decoder. The default is diffusers' own loop, one latent a call.
+
+    chunk: latents per decoder call (after a stream's first latent, which is always alone);
+    fused: this module's forward instead of diffusers'; compiled: its norm chains through
+    torch.compile; channels_last: NDHWC activations and weights (fused only).
+    """
+
+    chunk: int = 1
+    fused: bool = False
+    compiled: bool = False
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1:
+            raise ValueError(f"decode chunk must be >= 1 latent, got {self.chunk}")
+        if (self.compiled or self.channels_last) and not self.fused:
+            raise ValueError("compiled / channels_last decode needs fused=True")
+
+
+DIFFUSERS = DecodeOptions()
+# What the engine runs where it compiles (CUDA): a pipeline block (3 latents) per call.
+FAST = DecodeOptions(chunk=4, fused=True, compiled=True, channels_last=True)
+
+
+def rms_act(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool) -> torch.Tensor:
+    """Wan's RMS norm over channels (dim 1), times gamma, then SiLU if asked.
+
+    Rounds to x's dtype where diffusers' eager steps do (after the normalisation, each product, the
+    SiLU), so that one compiled kernel gives the same values as those four."""
+    dtype = x.dtype
+    y = x.float()
+    y = (y / torch.linalg.vector_norm(y, dim=1, keepdim=True).clamp_min(1e-12)).to(dtype)
+    y = (y.float() * scale).to(dtype)
+    y = (y.float() * gamma.float()).to(dtype)
+    return F.silu(y.float()).to(dtype) if silu else y
+
+
+@functools.cache
+def compiled_rms_act() -> NormAct:
+    """`rms_act` through torch.compile (one kernel per layout; shapes dynamic, so clip lengths share it)."""
+    return torch.compile(rms_act, fullgraph=True, dynamic=True)
+
+
+class FusedDecoder:
+    """`decode_chunk(x, cache, first)` over a diffusers `WanDecoder3d`'s modules (see module docstring)."""
+
+    def __init__(self, decoder: WanDecoder3d, options: DecodeOptions):
+        self.decoder = decoder
+        self.options = options
+        self.norm_act: NormAct = compiled_rms_act() if options.compiled else rms_act
+        self.layout = torch.channels_last_3d if options.channels_last else torch.contiguous_format
+
+    def __call__(self, x: torch.Tensor, cache: list) -> torch.Tensor:
+        """Decoder input [1, 16, t, h, w] (after post_quant_conv) -> video [1, 3, 4t or 4t - 3, 8h, 8w]."""
+        d = self.decoder
+        slot = iter(range(len(cache)))
+        x = x.contiguous(memory_format=self.layout)
+        x = self._conv(d.conv_in, x, cache, next(slot))
+        x = self._resnet(d.mid_block.resnets[0], x, cache, slot)
+        for attention, resnet in zip(d.mid_block.attentions, d.mid_block.resnets[1:], strict=True):
+            x = attention(x).contiguous(memory_format=self.layout)
+            x = self._resnet(resnet, x, cache, slot)
+        for block in d.up_blocks:
+            for resnet in block.resnets:
+                x = self._resnet(resnet, x, cache, slot)
+            if block.upsamplers is not None:
+                x = self._upsample(block.upsamplers[0], x, cache, slot)
+        x = self._norm(d.norm_out, x, silu=True)
+        return self._conv(d.conv_out, x, cache, next(slot))
+
+    # pieces -------------------------------------------------------------------------------------------
+
+    def _norm(self, norm: WanRMS_norm, x: torch.Tensor, silu: bool) -> torch.Tensor:
+        if not isinstance(norm.bias, float) or norm.bias != 0.0:
+            raise ValueError("fused VAE decode: RMS norm with a bias is not Wan2.1's")
+        return self.norm_act(x, norm.gamma.view(1, -1, 1, 1, 1), norm.scale, silu)
+
+    def _resnet(self, block: WanResidualBlock, x: torch.Tensor, cache: list, slot) -> torch.Tensor:
+        shortcut = block.conv_shortcut
+        h = x if isinstance(shortcut, torch.nn.Identity) else self._pointwise(shortcut, x)
+        x = self._conv(block.conv1, self._norm(block.norm1, x, silu=True), cache, next(slot))
+        x = self._conv(block.conv2, self._norm(block.norm2, x, silu=True), cache, next(slot))
+        return x.add_(h)
+
+    def _pointwise(self, conv: WanCausalConv3d, x: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(x, self._weight(conv.weight), conv.bias)
+
+    def _weight(self, w: torch.Tensor) -> torch.Tensor:
+        return w.contiguous(memory_format=self.layout)
+
+    def _conv(self, conv: WanCausalConv3d, x: torch.Tensor, cache: list, i: int) -> torch.Tensor:
+        """Causal conv over [cached frames, x]; the slot keeps x's last two frames, as diffusers does."""
+        previous = cache[i]
+        cache[i] = _next_cache(previous, x)
+        return self._causal(conv, x, previous if isinstance(previous, torch.Tensor) else None)
+
+    def _causal(self, conv: WanCausalConv3d, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        pad_w, _, pad_h, _, pad_t, _ = conv._padding  # (w, w, h, h, 2 * kt_half, 0)
+        front = [] if previous is None else [previous.to(x.dtype)]
+        missing = pad_t - sum(f.shape[2] for f in front)
+        if missing > 0:
+            front.insert(0, x.new_zeros(*x.shape[:2], missing, *x.shape[3:]))
+        if front:
+            x = torch.cat([*front, x], dim=2)
+        return F.conv3d(x, self._weight(conv.weight), conv.bias, padding=(0, pad_h, pad_w))
+
+    def _upsample(self, resample: WanResample, x: torch.Tensor, cache: list, slot) -> torch.Tensor:
+        if resample.mode == "upsample3d":
+            i = next(slot)
+            previous = cache[i]
+            if previous is None:  # the stream's first latent: no temporal upsampling (diffusers' "Rep")
+                cache[i] = "Rep"
+            else:
+                cache[i] = _next_cache(None if isinstance(previous, str) else previous, x, zeros=True)
+                y = self._causal(resample.time_conv, x, None if isinstance(previous, str) else previous)
+                b, c2, t, h, w = y.shape
+                # channels [0, c) make frame 2k, [c, 2c) frame 2k + 1
+                y = y.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+                x = y.contiguous(memory_format=self.layout)
+        elif resample.mode != "upsample2d":
+            raise ValueError(f"fused VAE decode: unexpected resample mode {resample.mode!r}")
+        x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest").contiguous(
+            memory_format=self.layout
+        )
+        conv = resample.resample[1]
+        return F.conv3d(x, self._weight(conv.weight.unsqueeze(2)), conv.bias, padding=(0, 1, 1))
+
+
+def _next_cache(previous, x: torch.Tensor, zeros: bool = False) -> torch.Tensor:
+    """The last CACHE_T frames of a conv's input, topped up from the previous entry (diffusers' rule).
+
+    zeros: the temporal upsampler's rule after its first latent ("Rep"), which tops up with zeros."""
+    last = x[:, :, -CACHE_T:].clone()
+    if last.shape[2] >= CACHE_T:
+        return last
+    if isinstance(previous, torch.Tensor):
+        return torch.cat([previous[:, :, -1:].to(last.dtype), last], dim=2)
+    if zeros:
+        return torch.cat([torch.zeros_like(last), last], dim=2)
+    return last
+
+
+__all__ = ["FAST", "DIFFUSERS", "DecodeOptions", "FusedDecoder", "compiled_rms_act", "rms_act"]
