@@ -66,7 +66,7 @@ from .pipeline import (
     prepare_portrait,
 )
 from .ring import WindowRing, ring_capacity_frames
-from .rungs import SIDE_MULTIPLE, degrade_ladder
+from .rungs import SIDE_MULTIPLE, degrade_ladder, first_fitting
 from .text_encoder import TEXT_LEN
 
 _PORTRAITS_KEPT = 2  # portrait states cached per engine (a worker serves one or two lectures at a time)
@@ -174,10 +174,8 @@ class LiveAvatarEngine(Engine):
         budget wants it (the last rung's placement if none fits: loading then fails honestly, or the
         smallest segment does)."""
         self.dit_config, self.sizes = config, sizes
-        budget = self.budget()
         rungs = self.ladder(self.prepare_for)
-        fits = [r for r in rungs if budget is None or self.estimate_memory(r.config) <= budget]
-        chosen = (fits or rungs[-1:])[0].config
+        chosen = first_fitting(rungs, self.estimate_memory, self.budget()).config
         streamed = chosen.offload_weights and offload_problem(self.device) is None
         fp8 = chosen.fp8 and self._fp8_probe()
         return Placement(self.device, self.dtype, fp8=fp8, blocks_on_host=streamed)
