@@ -163,11 +163,10 @@ class LiveAvatarEngine(Engine):
             return True
 
     def budget(self, request_budget: int | None = None) -> int | None:
-        """The device memory a segment may use: the request's budget, else the engine's, else the
-        device's free memory (None off CUDA)."""
-        if request_budget is not None or self.memory_budget_bytes is not None:
-            return request_budget if request_budget is not None else self.memory_budget_bytes
-        return self._device_capacity()
+        """The device memory a segment may use: the smaller of the request's and the engine's budgets,
+        else the device's free memory (None off CUDA)."""
+        given = [b for b in (request_budget, self.memory_budget_bytes) if b is not None]
+        return min(given) if given else self._device_capacity()
 
     def _placement(self, config: DiTConfig, sizes: ModelSizes) -> Placement:
         """Where the DiT loads: as the first rung of `prepare_for`'s ladder whose estimate fits the
@@ -198,8 +197,9 @@ class LiveAvatarEngine(Engine):
         self._check_config(config)
         estimate = self.estimate_memory(config)
         # The budget is a limit, not a number: the allocator is capped at it for this segment.
-        cap_device_memory(self.device, request.memory_budget_bytes or self.memory_budget_bytes)
         capacity = self.budget(request.memory_budget_bytes)
+        limited = request.memory_budget_bytes is not None or self.memory_budget_bytes is not None
+        cap_device_memory(self.device, capacity if limited else None)
         if capacity is not None and estimate > capacity:
             raise OutOfMemory(
                 f"{self.name} at {config.size}, {config.steps} steps needs about {estimate / GiB:.1f} GiB, "
