@@ -230,3 +230,40 @@ def test_the_ladder_costs_speed_before_quality_and_loads_for_the_rung_that_fits(
     assert first_fitting(fp8, estimate, 24 * GiB).name == "kv-cache-offload"
     # Loading's transient is inside the estimate.
     assert estimate_memory(bf16[0].config, dit, sizes).parts["transient"] >= dit.ffn_dim * dit.dim * 10
+
+
+def test_the_budget_caps_the_allocator_before_anything_loads(monkeypatch):
+    """CPU-only CI has no CUDA allocator to cap; what is checked is the call torch makes (the fraction
+    of the device) and that the engine makes it before its first weight exists."""
+    from liveavatar_core.engines.liveavatar import engine as engine_module
+    from liveavatar_core.engines.liveavatar.memory import cap_device_memory
+
+    calls = []
+
+    class Properties:
+        total_memory = 80 * GiB
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Properties())
+    monkeypatch.setattr(
+        torch.cuda, "set_per_process_memory_fraction", lambda f, device: calls.append(("cap", f))
+    )
+    cuda = torch.device("cuda", 0)
+    assert cap_device_memory(cuda, 24 * GiB) == pytest.approx(0.3) and calls == [("cap", 0.3)]
+    assert cap_device_memory(cuda, None) == 1.0 and calls[-1] == ("cap", 1.0)
+    assert cap_device_memory(cuda, 200 * GiB) == 1.0
+    assert cap_device_memory(torch.device("cpu"), 24 * GiB) is None
+
+    calls.clear()
+    real = engine_module.random_components
+    monkeypatch.setattr(
+        engine_module, "cap_device_memory", lambda device, budget: calls.append(("cap", budget))
+    )
+    monkeypatch.setattr(
+        engine_module,
+        "random_components",
+        lambda *a, **k: calls.append(("load", None)) or real(*a, **k),
+    )
+    engine = LiveAvatarEngine(random_weights=True, device="cpu", tiny=True, memory_budget_bytes=5 * GiB)
+    assert calls[:2] == [("cap", 5 * GiB), ("load", None)]
+    assert engine.budget(8 * GiB) == 5 * GiB and engine.budget(2 * GiB) == 2 * GiB
+    engine.close()
