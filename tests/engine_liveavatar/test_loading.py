@@ -267,3 +267,57 @@ def test_the_budget_caps_the_allocator_before_anything_loads(monkeypatch):
     assert calls[:2] == [("cap", 5 * GiB), ("load", None)]
     assert engine.budget(8 * GiB) == 5 * GiB and engine.budget(2 * GiB) == 2 * GiB
     engine.close()
+
+
+class _FakeStreams:
+    """torch.cuda's stream and event API as no-ops, so weight streaming's bookkeeping (which tensors
+    the blocks point at, what is copied where) runs on a CPU that stands in for the device. Ordering
+    between streams is what the GPU benchmark checks; this checks the pointers."""
+
+    class Event:
+        def record(self, stream=None):
+            pass
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_event(self, event):
+            pass
+
+    @staticmethod
+    def install(monkeypatch):
+        import contextlib
+
+        monkeypatch.setattr(backends, "offload_problem", lambda device: None)
+        monkeypatch.setattr(torch.cuda, "Event", _FakeStreams.Event)
+        monkeypatch.setattr(torch.cuda, "Stream", _FakeStreams.Stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStreams.Stream())
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+
+@pytest.mark.parametrize("placed_on_host", [False, True])
+def test_weight_streaming_keeps_every_blocks_own_weights_across_forwards(monkeypatch, placed_on_host):
+    """Streaming (blocks moved to the host, or loaded there and adopted) gives the plain model's
+    outputs forward after forward: each block's host copy stays its own while slots are reused."""
+    from tests.engine_liveavatar.test_dit import _block, _inputs, _ring, _sink
+
+    _FakeStreams.install(monkeypatch)
+    cfg = DiTConfig.tiny()
+    plain = random_init(cfg, "cpu", torch.float32, seed=4)
+    streamed = random_init(cfg, "cpu", torch.float32, seed=4, blocks_on_host=placed_on_host)
+    offload = backends.BlockWeightOffload(streamed, torch.device("cpu"))
+    host = [[t.data_ptr() for t in block] for block in offload.host]
+    inp = _inputs(cfg, seed=6)
+    outputs = []
+    for model in (plain, streamed):
+        text, cond = _sink(model, inp)
+        ring = _ring(cfg)
+        outputs.append(torch.stack([_block(model, inp, text, cond, ring, b) for b in range(3)]))
+    assert torch.equal(outputs[0], outputs[1])
+    assert [[t.data_ptr() for t in block] for block in offload.host] == host
+    offload.remove(to_device=False)  # leaving streaming for an fp8 change: weights stay on the host
+    for name, p in streamed.named_parameters():
+        assert torch.equal(p, dict(plain.named_parameters())[name]), name
