@@ -17,12 +17,21 @@ block order; and the start of a one-clip segment continued from the block-order 
 first from the rings the engine kept ("kept state"), then by replay (the kept rings are used up).
 A switch of weight placement gets its own untimed one-clip warm-up.
 
+Every segment goes down the engine's degrade ladder (`generate_with_ladder`), so a capped run reports
+the rung it took, and its estimate is that rung's. `--cap-gib N` caps this process's device memory at
+N GiB before anything loads (the engine's `memory_budget_bytes`: `set_per_process_memory_fraction`)
+and the weights load placed for the first rung that fits; `--checkpoint-dir` loads an official-layout
+checkpoint (e.g. one `benchmarks/full_checkpoint.py` wrote) instead of random weights. The load's
+peak device memory and seconds are reported beside the segments'.
+
 Writes OUT/engine_bench.json and OUT/engine_bench.md (OUT/order_bench.json and .md with `--orders`).
-`--tiny` runs test-size random models (CPU is fine) to check the script end to end; `--check-backends` compares every backend (KV offload, weight
-offload, fp8, compile) against the plain run on a tiny model (offloads must be bit-identical).
+`--tiny` runs test-size random models (CPU is fine) to check the script end to end; `--check-backends`
+compares every backend (KV offload, weight offload, fp8, compile) against the plain run on a tiny model (offloads must be bit-identical).
 
     PYTHONPATH=. python benchmarks/engine_bench.py out/bench                # GPU, full size
     PYTHONPATH=. python benchmarks/engine_bench.py out/bench-tiny --tiny --sizes 64x64 --clips 1
+    PYTHONPATH=. python benchmarks/engine_bench.py out/b24 --cap-gib 24 --checkpoint-dir /ckpt \
+        --precisions fp8 --sizes 704x384 --chains eager
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from liveavatar_core.engines.base import GenerationConfig, GiB, SegmentRequest  # noqa: E402
+from liveavatar_core.engines.ladder import LadderExhausted, generate_with_ladder  # noqa: E402
 from liveavatar_core.engines.liveavatar.engine import LiveAvatarEngine  # noqa: E402
 from liveavatar_core.errors import LiveAvatarError, OutOfMemory  # noqa: E402
 from liveavatar_core.timebase import SAMPLES_PER_FRAME  # noqa: E402
@@ -60,6 +70,12 @@ class CountingSink:
         self.frames += len(frames)
         self.last = frames[-1]
 
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.frames, self.last = 0, None
+
 
 class KeepingSink(CountingSink):
     def __init__(self):
@@ -69,6 +85,10 @@ class KeepingSink(CountingSink):
     def write(self, frames: np.ndarray) -> None:
         super().write(frames)
         self.kept.extend(f.copy() for f in frames)
+
+    def abort(self) -> None:
+        super().abort()
+        self.kept.clear()
 
 
 def speech(frames: int, seed: int) -> np.ndarray:
@@ -84,7 +104,11 @@ def portrait(height: int, width: int) -> np.ndarray:
 
 
 def request(
-    config: GenerationConfig, frames: int, seed: int = 0, handoff: bytes | None = None
+    config: GenerationConfig,
+    frames: int,
+    seed: int = 0,
+    handoff: bytes | None = None,
+    budget: int | None = None,
 ) -> SegmentRequest:
     return SegmentRequest(
         audio=speech(frames, seed),
@@ -94,6 +118,7 @@ def request(
         seed=seed,
         config=config,
         handoff=handoff,
+        memory_budget_bytes=budget,
     )
 
 
@@ -104,6 +129,11 @@ class Row:
     chains: str
     clips: int
     status: str = "ok"
+    weights: str = "random"
+    cap_gib: float | None = None  # device memory cap set at process start (None: uncapped)
+    rung: str = ""  # the ladder rung the timed segment ran on
+    load_seconds: float = 0.0
+    load_peak_gib: float = 0.0
     seconds_per_clip: float = 0.0
     fps: float = 0.0
     dit_seconds_per_clip: float = 0.0
@@ -121,18 +151,31 @@ class Row:
     error: str = ""
 
 
-def bench(engine: LiveAvatarEngine, config: GenerationConfig, clips: int) -> tuple[Row, np.ndarray | None]:
-    """One row, and the timed segment's last frame."""
+def bench(
+    engine: LiveAvatarEngine,
+    config: GenerationConfig,
+    clips: int,
+    budget: int | None = None,
+    continued_segment: bool = True,
+) -> tuple[Row, np.ndarray | None]:
+    """One row, and the timed segment's last frame. Each segment goes down the ladder."""
     precision = "fp8" if config.fp8 else str(engine.dtype).removeprefix("torch.")
     row = Row(config.size, precision, "compiled" if config.compile else "eager", clips)
     last = CountingSink()
-    row.estimate_gib = engine.estimate_memory(config) / GiB
-    row.estimate_parts_gib = {k: round(v / GiB, 3) for k, v in engine.memory_parts(config).items()}
+
+    def run(frames: int, seed: int, sink: CountingSink, handoff: bytes | None = None):
+        outcome = generate_with_ladder(engine, request(config, frames, seed, handoff, budget), lambda: sink)
+        return outcome.result, outcome.attempts[-1]
+
     try:
-        cold = engine.generate(request(config, FRAMES_PER_CLIP, seed=1), CountingSink())
+        cold, _ = run(FRAMES_PER_CLIP, 1, CountingSink())
         row.cold_first_clip_seconds = cold.seconds
         row.cold_timings = cold.details["timings"]
-        timed = engine.generate(request(config, clips * FRAMES_PER_CLIP, seed=2), last)
+        timed, attempt = run(clips * FRAMES_PER_CLIP, 2, last)
+        taken = GenerationConfig.from_dict(attempt.config)
+        row.rung = attempt.rung
+        row.estimate_gib = engine.estimate_memory(taken) / GiB
+        row.estimate_parts_gib = {k: round(v / GiB, 3) for k, v in engine.memory_parts(taken).items()}
         t = timed.details["timings"]
         row.seconds_per_clip = timed.seconds / clips
         row.fps = clips * FRAMES_PER_CLIP / timed.seconds
@@ -141,14 +184,14 @@ def bench(engine: LiveAvatarEngine, config: GenerationConfig, clips: int) -> tup
         row.audio_seconds_per_clip = t["audio"] / clips
         row.peak_gib = timed.peak_memory_bytes / GiB
         row.handoff_mib = len(timed.handoff) / 2**20
-        continued = engine.generate(
-            request(config, FRAMES_PER_CLIP, seed=2, handoff=timed.handoff), CountingSink()
-        )
-        row.continue_overhead_seconds = continued.details["timings"]["prepare"]
-        row.peak_gib = max(row.peak_gib, continued.peak_memory_bytes / GiB, cold.peak_memory_bytes / GiB)
+        row.peak_gib = max(row.peak_gib, cold.peak_memory_bytes / GiB)
+        if continued_segment:
+            continued, _ = run(FRAMES_PER_CLIP, 2, CountingSink(), timed.handoff)
+            row.continue_overhead_seconds = continued.details["timings"]["prepare"]
+            row.peak_gib = max(row.peak_gib, continued.peak_memory_bytes / GiB)
         if row.peak_gib:
             row.estimate_error = (row.estimate_gib - row.peak_gib) / row.peak_gib
-    except OutOfMemory as exc:
+    except (LadderExhausted, OutOfMemory) as exc:
         row.status, row.error = "out of memory", str(exc)
     except LiveAvatarError as exc:
         row.status, row.error = "unavailable", str(exc)
@@ -323,26 +366,27 @@ def check_backends(device: str | None) -> list[dict]:
 
 def markdown(rows: list[Row], device: str, checks: list[dict] | None) -> str:
     lines = [
-        f"LiveAvatar engine, random weights, {device}; steady state over {rows[0].clips if rows else 0} clips of 48 frames "
+        f"LiveAvatar engine, {device}; steady state over {rows[0].clips if rows else 0} clips of 48 frames "
         "(audio features, DiT and VAE decode included; each also shown alone).",
         "",
-        "| area | precision | chains | s / clip | FPS | DiT s / clip | VAE s / clip | audio s / clip "
-        "| cold 1st clip s | continue overhead s | peak GiB | estimate GiB | estimate error | handoff MiB "
-        "| max diff vs eager |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| weights | cap GiB | area | precision | chains | rung | load s | load peak GiB | s / clip | FPS "
+        "| DiT s / clip | VAE s / clip | cold 1st clip s | continue overhead s | peak GiB | estimate GiB "
+        "| estimate error | max diff vs eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        head = (
+            f"| {r.weights} | {'-' if r.cap_gib is None else f'{r.cap_gib:g}'} | {r.size} | {r.precision} "
+            f"| {r.chains} | {r.rung} | {r.load_seconds:.0f} | {r.load_peak_gib:.1f} "
+        )
         if r.status != "ok":
-            lines.append(
-                f"| {r.size} | {r.precision} | {r.chains} | {r.status} |  |  |  |  |  |  |  "
-                f"| {r.estimate_gib:.1f} |  |  |  |"
-            )
+            lines.append(head + f"| {r.status} |  |  |  |  |  |  |  |  |  |")
             continue
         lines.append(
-            f"| {r.size} | {r.precision} | {r.chains} | {r.seconds_per_clip:.2f} | {r.fps:.1f} | {r.dit_seconds_per_clip:.2f} "
-            f"| {r.vae_seconds_per_clip:.2f} | {r.audio_seconds_per_clip:.3f} | {r.cold_first_clip_seconds:.1f} "
+            head + f"| {r.seconds_per_clip:.2f} | {r.fps:.1f} | {r.dit_seconds_per_clip:.2f} "
+            f"| {r.vae_seconds_per_clip:.2f} | {r.cold_first_clip_seconds:.1f} "
             f"| {r.continue_overhead_seconds:.2f} | {r.peak_gib:.1f} | {r.estimate_gib:.1f} "
-            f"| {100 * r.estimate_error:+.1f}% | {r.handoff_mib:.1f} "
+            f"| {100 * r.estimate_error:+.1f}% "
             f"| {'' if r.max_diff_vs_eager is None else r.max_diff_vs_eager} |"
         )
     if checks:
@@ -378,6 +422,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-backends", action="store_true", help="compare every backend on a tiny model")
     parser.add_argument("--check-backends-only", action="store_true", help="only the backend comparison")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument(
+        "--cap-gib",
+        type=float,
+        default=None,
+        help="cap this process's device memory at N GiB before loading (the engine's memory budget)",
+    )
+    parser.add_argument(
+        "--checkpoint-dir", default=None, help="load this official-layout checkpoint, not random weights"
+    )
+    parser.add_argument(
+        "--no-continue", action="store_true", help="skip the segment continued from the timed one's handoff"
+    )
     args = parser.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -386,37 +442,61 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "backend_checks.json").write_text(json.dumps(checks, indent=2))
         print(markdown([], args.device or "default device", checks))
         return 0 if all("error" not in c for c in checks) else 1
+    precisions = [p.strip() for p in args.precisions.split(",")]
+    sizes = [s.strip() for s in args.sizes.split(",")]
+    chains_list = [c.strip() for c in args.chains.split(",")]
+    budget = None if args.cap_gib is None else int(args.cap_gib * GiB)
+    first = GenerationConfig.for_output(sizes[0], precisions[0]).replace(
+        offload_encoders=not args.resident_encoders, compile=chains_list[0] == "compiled"
+    )
     start = time.perf_counter()
-    engine = LiveAvatarEngine(random_weights=True, device=args.device, tiny=args.tiny)
+    engine = LiveAvatarEngine(
+        checkpoint_dir=args.checkpoint_dir,
+        random_weights=args.checkpoint_dir is None,
+        device=args.device,
+        tiny=args.tiny,
+        memory_budget_bytes=budget,
+        prepare_for=first,
+    )
     load_seconds = time.perf_counter() - start
     device = engine.device
+    load_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
     device_name = (
         torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     )
     if args.orders:
         return run_orders(args, engine, device_name)
     rows: list[Row] = []
-    for precision in [p.strip() for p in args.precisions.split(",")]:  # bf16 before fp8: fp8 is one-way
-        for size in [s.strip() for s in args.sizes.split(",")]:
+    for precision in precisions:  # bf16 before fp8: going back from fp8 reloads
+        for size in sizes:
             eager_frame = None
-            for chains in [c.strip() for c in args.chains.split(",")]:
+            for chains in chains_list:
                 config = GenerationConfig.for_output(size, precision).replace(
                     offload_encoders=not args.resident_encoders, compile=chains == "compiled"
                 )
-                row, frame = bench(engine, config, args.clips)
+                row, frame = bench(engine, config, args.clips, budget, not args.no_continue)
+                row.weights = engine.parts.weights
+                row.cap_gib = args.cap_gib
+                row.load_seconds = round(load_seconds, 2)
+                row.load_peak_gib = load_peak / GiB
                 if chains == "eager":
                     eager_frame = frame
                 elif frame is not None and eager_frame is not None:
                     row.max_diff_vs_eager = int(np.abs(frame.astype(np.int16) - eager_frame).max())
                 rows.append(row)
                 print(json.dumps(asdict(row)), flush=True)
+    engine_weights = f"{engine.parts.weights} (full size)"
+    placement = str(engine.parts.placement)
     engine.close()
     checks = check_backends(args.device) if args.check_backends else None
     report = {
         "device": device_name,
         "torch": torch.__version__,
-        "weights": "random (tiny)" if args.tiny else "random (full size)",
+        "weights": "random (tiny)" if args.tiny else engine_weights,
+        "cap_gib": args.cap_gib,
         "load_seconds": round(load_seconds, 2),
+        "load_peak_gib": round(load_peak / GiB, 3),
+        "load_placement": placement,
         "offload_encoders": not args.resident_encoders,
         "chains": args.chains,
         "rows": [asdict(r) for r in rows],

@@ -307,6 +307,12 @@ def _add_worker(commands) -> None:
         help="before serving, run two short throwaway segments at this course profile's size and "
         "precision, so the first lecture's first segment does not pay for compiling (default standard)",
     )
+    p.add_argument(
+        "--memory-budget-gb",
+        type=float,
+        metavar="N",
+        help="cap the engine's GPU memory at N GiB from loading on (default: the whole GPU)",
+    )
     p.set_defaults(run=_run_worker)
 
 
@@ -337,6 +343,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         host=args.host_id,
         cpu_threads=args.cpu_threads,
         warmup=None if args.warmup == "none" else args.warmup,
+        memory_budget_gb=args.memory_budget_gb,
     )
     try:
         serve_gpu(options)

@@ -45,6 +45,7 @@ class WorkerOptions:
     host: str | None = None
     cpu_threads: int | None = None  # None: cpu_share()
     warmup: str | None = "standard"  # a course profile to warm the engine up at; None: no warm-up
+    memory_budget_gb: float | None = None  # caps the engine's device memory from loading on
 
 
 # A Prefect server setting for the GPU limits: only its own worker takes a GPU's slot, so a refused take
@@ -151,7 +152,9 @@ def serve_gpu(options: WorkerOptions) -> None:
     engine = registry.load(
         registry.EngineSpec(
             name, None if preview else checkpoints, options.random_weights and not preview, None
-        )
+        ),
+        memory_budget_bytes=int(options.memory_budget_gb * 2**30) if options.memory_budget_gb else None,
+        prepare_for=profile_config(options.warmup) if options.warmup else None,
     )
     log.info("engine %s loaded (%s)", name, reason)
     if options.warmup:
@@ -167,16 +170,24 @@ def serve_gpu(options: WorkerOptions) -> None:
     log.info("GPU %d: worker stopped", options.gpu)
 
 
+def profile_config(profile_name: str):
+    """The GenerationConfig a course profile asks for (what the worker loads and warms up for)."""
+    from liveavatar_core.course import PROFILES
+    from liveavatar_core.engines import GenerationConfig
+
+    profile = PROFILES[profile_name]
+    return GenerationConfig.for_output(profile.size, profile.precision)
+
+
 def warm_up_at_profile(engine, profile_name: str) -> None:
     """Warm `engine` up at a course profile's size and precision; InputError if no rung fits the GPU."""
     from liveavatar_core.course import PROFILES
-    from liveavatar_core.engines import GenerationConfig
     from liveavatar_core.engines.warmup import warm_up
     from liveavatar_core.errors import InputError, OutOfMemory
 
     profile = PROFILES[profile_name]
     try:
-        done = warm_up(engine, GenerationConfig.for_output(profile.size, profile.precision))
+        done = warm_up(engine, profile_config(profile_name))
     except OutOfMemory as exc:
         raise InputError(
             f"--warmup {profile_name}",

@@ -66,10 +66,12 @@ def generate_segment(job: SegmentJob) -> SegmentOutput:
 
 
 def _generate(job: SegmentJob, checkpoint_dir: str | None) -> SegmentOutput:
-    engine = registry.load(
-        registry.EngineSpec(job.engine.name, checkpoint_dir, job.engine.random_weights, job.engine.device)
-    )
     config = GenerationConfig.from_dict(job.config)
+    engine = registry.load(
+        registry.EngineSpec(job.engine.name, checkpoint_dir, job.engine.random_weights, job.engine.device),
+        memory_budget_bytes=job.memory_budget_bytes,  # a device limit from loading on, not an estimate
+        prepare_for=config,
+    )
     with storage.local_file(job.audio_url) as wav:
         samples = audio.read_samples(wav, 0, None)
     portrait = cv2.cvtColor(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .base import Engine
+from .base import Engine, GenerationConfig
 
 # name -> "module:factory"; a factory takes the EngineSpec's options as keyword arguments (the module
 # is light: see above; the factory may be a lazily imported attribute).
@@ -63,15 +63,24 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(_module(name), _FACTORIES[name].split(":")[1])
 
 
-def load(spec: EngineSpec) -> Engine:
-    """The process's engine for `spec`, loaded on first use and kept for every later segment."""
+def load(
+    spec: EngineSpec, memory_budget_bytes: int | None = None, prepare_for: GenerationConfig | None = None
+) -> Engine:
+    """The process's engine for `spec`, loaded on first use and kept for every later segment.
+
+    On first use, `memory_budget_bytes` caps the device memory the engine may take (loading included)
+    and `prepare_for` is the config its weights are placed for; later segments bring their own budget."""
     if spec not in _LOADED:
         cls = engine_class(spec.name)
         if spec.name == "preview":
             _LOADED[spec] = cls()
         else:
             _LOADED[spec] = cls(
-                checkpoint_dir=spec.checkpoint_dir, random_weights=spec.random_weights, device=spec.device
+                checkpoint_dir=spec.checkpoint_dir,
+                random_weights=spec.random_weights,
+                device=spec.device,
+                memory_budget_bytes=memory_budget_bytes,
+                prepare_for=prepare_for,
             )
     return _LOADED[spec]
 

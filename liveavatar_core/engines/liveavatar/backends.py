@@ -228,10 +228,13 @@ class BlockWeightOffload:
         self.blocks = list(model.blocks)
         self.entries = [_tensor_entries(block) for block in self.blocks]
         self.host = []
+        pin = torch.cuda.is_available()
         for entries in self.entries:
             tensors = [getattr(m, n) for m, _, n in entries]
-            on_host = all(t.device.type == "cpu" and t.is_pinned() for t in tensors)
-            pinned = tensors if on_host else _pinned_copy(tensors)
+            on_host = all(t.device.type == "cpu" and (t.is_pinned() or not pin) for t in tensors)
+            # Adopted host tensors are detached: pointing a parameter at a slot later must not move
+            # the host copy with it.
+            pinned = [t.detach() for t in tensors] if on_host else _pinned_copy(tensors, pin)
             _point(entries, pinned)  # this block's device copy (if any) is freed here
             self.host.append(pinned)
         torch.cuda.empty_cache()

@@ -75,7 +75,7 @@ from .pipeline import (
     prepare_portrait,
 )
 from .ring import WindowRing, ring_capacity_frames
-from .rungs import SIDE_MULTIPLE, degrade_ladder
+from .rungs import SIDE_MULTIPLE, degrade_ladder, first_fitting
 from .text_encoder import TEXT_LEN
 
 _PORTRAITS_KEPT = 2  # portrait states cached per engine (a worker serves one or two lectures at a time)
@@ -182,21 +182,18 @@ class LiveAvatarEngine(Engine):
             return True
 
     def budget(self, request_budget: int | None = None) -> int | None:
-        """The device memory a segment may use: the request's budget, else the engine's, else the
-        device's free memory (None off CUDA)."""
-        if request_budget is not None or self.memory_budget_bytes is not None:
-            return request_budget if request_budget is not None else self.memory_budget_bytes
-        return self._device_capacity()
+        """The device memory a segment may use: the smaller of the request's and the engine's budgets,
+        else the device's free memory (None off CUDA)."""
+        given = [b for b in (request_budget, self.memory_budget_bytes) if b is not None]
+        return min(given) if given else self._device_capacity()
 
     def _placement(self, config: DiTConfig, sizes: ModelSizes) -> Placement:
         """Where the DiT loads: as the first rung of `prepare_for`'s ladder whose estimate fits the
         budget wants it (the last rung's placement if none fits: loading then fails honestly, or the
         smallest segment does)."""
         self.dit_config, self.sizes = config, sizes
-        budget = self.budget()
         rungs = self.ladder(self.prepare_for)
-        fits = [r for r in rungs if budget is None or self.estimate_memory(r.config) <= budget]
-        chosen = (fits or rungs[-1:])[0].config
+        chosen = first_fitting(rungs, self.estimate_memory, self.budget()).config
         streamed = chosen.offload_weights and offload_problem(self.device) is None
         fp8 = chosen.fp8 and self._fp8_probe()
         return Placement(self.device, self.dtype, fp8=fp8, blocks_on_host=streamed)
@@ -220,8 +217,9 @@ class LiveAvatarEngine(Engine):
         self._check_config(config)
         estimate = self.estimate_memory(config)
         # The budget is a limit, not a number: the allocator is capped at it for this segment.
-        cap_device_memory(self.device, request.memory_budget_bytes or self.memory_budget_bytes)
         capacity = self.budget(request.memory_budget_bytes)
+        limited = request.memory_budget_bytes is not None or self.memory_budget_bytes is not None
+        cap_device_memory(self.device, capacity if limited else None)
         if capacity is not None and estimate > capacity:
             raise OutOfMemory(
                 f"{self.name} at {config.size}, {config.steps} steps needs about {estimate / GiB:.1f} GiB, "

@@ -1,12 +1,14 @@
-"""The LiveAvatar degrade ladder, quality first.
+"""The LiveAvatar degrade ladder, quality first: every rung that costs only speed comes before any
+rung that costs quality.
 
 Each rung keeps everything the previous rungs changed and changes one more thing:
 
 1. requested
 2. encoders off the GPU (text encoder and wav2vec2 come to the GPU only while they run)   -> speed
 3. KV rings offloaded to pinned host memory, copied in one layer ahead                  -> speed
+   (a streamed sweep rung, weights crossing once per denoising step, belongs here: `SPEED_RUNGS`)
 4. DiT weights offloaded to pinned host memory, streamed in one block ahead              -> speed
-5. fp8 linears (per-tensor scales)                                                      -> quality (slight)
+5. fp8 linears (per-tensor scales), when the request asked for bf16                      -> quality (slight)
 6. 3 denoising steps instead of 4                                                        -> quality
 7. 3/4, then 1/2 of the area (sides multiples of 64, aspect kept as closely as possible) -> quality
 
@@ -24,6 +26,13 @@ from ..base import GenerationConfig, Rung
 
 SIDE_MULTIPLE = 64  # FramePack's coarsest bucket packs 8x8 latents: sides are multiples of 64 px
 AREA_STEPS = (("area-3/4", 0.75), ("area-1/2", 0.5))
+# Rungs that change placement or order only (same pictures, slower), in ladder order: (name, needs
+# offload support, config changes). New speed-only rungs (a streamed sweep) go in this list.
+SPEED_RUNGS: tuple[tuple[str, bool, dict], ...] = (
+    ("encoders-off-gpu", False, {"offload_encoders": True}),
+    ("kv-cache-offload", True, {"offload_kv_cache": True}),
+    ("weight-offload", True, {"offload_weights": True}),
+)
 
 
 def fit_area(height: int, width: int, area: float) -> tuple[int, int]:
@@ -59,10 +68,9 @@ def degrade_ladder(
             return
         rungs.append(Rung(name, changed, costs))
 
-    add("encoders-off-gpu", "speed", offload_encoders=True)
-    if offload_available:
-        add("kv-cache-offload", "speed", offload_kv_cache=True)
-        add("weight-offload", "speed", offload_weights=True)
+    for name, needs_offload, changes in SPEED_RUNGS:
+        if offload_available or not needs_offload:
+            add(name, "speed", **changes)
     if fp8_available:
         add("fp8", "quality", fp8=True)
     if config.steps > 3:
@@ -75,4 +83,13 @@ def degrade_ladder(
     return rungs
 
 
-__all__ = ["AREA_STEPS", "SIDE_MULTIPLE", "degrade_ladder", "fit_area"]
+def first_fitting(rungs: list[Rung], estimate: Callable[[GenerationConfig], int], budget: int | None) -> Rung:
+    """The first rung whose estimate fits `budget` (None: the first), else the last rung: the one a
+    segment will run on, so the engine loads its weights placed for it."""
+    for rung in rungs:
+        if budget is None or estimate(rung.config) <= budget:
+            return rung
+    return rungs[-1]
+
+
+__all__ = ["AREA_STEPS", "SIDE_MULTIPLE", "SPEED_RUNGS", "degrade_ladder", "first_fitting", "fit_area"]
