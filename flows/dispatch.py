@@ -10,6 +10,12 @@ worker was killed stays "Running" on the server for good; the worker's heartbeat
 (`tasks/heartbeat.py`) tells the two apart. A segment whose heartbeat stops is put back in the queue
 (the same task run, state Scheduled, so its stored parameters are reused) for whichever worker is
 free, the restarted one or another. Its finished predecessors are untouched: they are cache hits.
+
+A segment prefers the worker that made its predecessor: that worker keeps the state the segment
+continues from exactly (the LiveAvatar engine's step rings; elsewhere the engine replays an
+approximation). Every GPU worker also serves `generate_segment` under its own task key
+(`worker_task`); if the preferred worker is idle within `PREFER_WAIT_S` the segment is queued for it
+alone, else for any worker, and a preferred worker that goes away hands the segment back to any.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, get_current_settings, temporary_settings
-from prefect.states import Scheduled, State
+from prefect.states import Cancelled, Scheduled, State
 
 from liveavatar_core import storage
 from liveavatar_core.errors import InputError, LiveAvatarError
@@ -32,6 +39,7 @@ from tasks.models import SegmentJob
 POLL_S = (0.25, 0.5, 1.0, 2.0)  # waits between looks at the task run's state: soon at first, then every 2 s
 NO_WORKER_WARNING_S = 60.0  # warn when a segment has been queued this long with no worker serving it
 MAX_LOSSES = 3  # a segment whose worker dies this many times fails the lecture
+PREFER_WAIT_S = 2.0  # how long a segment waits for the worker that made its predecessor to be idle
 
 
 class WorkerLost(LiveAvatarError):
@@ -48,15 +56,38 @@ def require_server(flag: str = "--dispatch gpu-workers") -> None:
         raise InputError(flag, "needs a Prefect server that the GPU workers also use: set PREFECT_API_URL")
 
 
-def run_on_gpu_workers(task, job: SegmentJob) -> State:
-    """Queue `job` for the GPU workers and return the task run's final state."""
+def worker_task(task, slot: str):
+    """`task` as only the GPU worker `slot` serves it (each GPU worker serves this and `task`)."""
+    own = task.with_options()
+    own.task_key = f"{task.task_key}@{slot}"
+    return own
+
+
+def pick_task(task, prefer: str | None, client, wait_s: float = PREFER_WAIT_S):
+    """`worker_task(task, prefer)` if that worker is idle (subscribed) within `wait_s`, else `task`."""
+    if prefer:
+        own = worker_task(task, prefer)
+        deadline = time.monotonic() + wait_s
+        while not _workers_serving(client, own.task_key, on_error=False):
+            if time.monotonic() >= deadline:
+                return task
+            time.sleep(0.1)
+        return own
+    return task
+
+
+def run_on_gpu_workers(task, job: SegmentJob, prefer: str | None = None) -> State:
+    """Queue `job` for the GPU workers (for the worker `prefer` if it is idle) and return the task
+    run's final state."""
     require_server()
     log = get_run_logger()
     # The worker runs its own copy of the task; it sees the submitter's settings (Prefect ships them
     # with the parameters), so a refresh asked for here reaches it as a setting, not a task option.
     refresh = {PREFECT_TASKS_REFRESH_CACHE: True} if task.refresh_cache else {}
+    with get_client(sync_client=True) as client:
+        target = pick_task(task, prefer, client)
     with temporary_settings(updates=refresh):
-        future = task.delay(job)
+        future = target.delay(job)
     run_id: UUID = future.task_run_id
     beat_url = heartbeat_url(job.work, str(run_id))
     watch = _Liveness(beat_url)
@@ -103,6 +134,21 @@ def run_on_gpu_workers(task, job: SegmentJob) -> State:
             else:
                 watch = _Liveness(beat_url)  # queued (again): the clock starts when a worker takes it
                 now = time.monotonic()
+                if target is not task and now - queued_since > 2 * PREFER_WAIT_S:
+                    if not _workers_serving(client, target.task_key, on_error=True):
+                        # The preferred worker went away or took other work: any worker will do.
+                        cancel = Cancelled(message="queued again for any worker")
+                        if client.set_task_run_state(run_id, cancel).status != SetStateStatus.ACCEPT:
+                            continue  # a worker took it meanwhile
+                        target = task
+                        with temporary_settings(updates=refresh):
+                            future = task.delay(job)
+                        run_id, beat_url = (
+                            future.task_run_id,
+                            heartbeat_url(job.work, str(future.task_run_id)),
+                        )
+                        watch, queued_since = _Liveness(beat_url), now
+                        continue
                 if now - queued_since > NO_WORKER_WARNING_S and now - warned_at > NO_WORKER_WARNING_S:
                     warned_at = now
                     if not _workers_serving(client, task.task_key):
@@ -166,14 +212,14 @@ def _requeue(client, run_id: UUID) -> None:
     client.set_task_run_state(run_id, state, force=True)
 
 
-def _workers_serving(client, task_key: str) -> bool:
+def _workers_serving(client, task_key: str, on_error: bool = True) -> bool:
     try:
         response = client._client.post(
             "/task_workers/filter", json={"task_worker_filter": {"task_keys": [task_key]}}
         )
         return bool(response.json())
-    except Exception:  # the warning is a hint; never fail a lecture over it
-        return True
+    except Exception:  # a hint (a warning, a preference); never fail a lecture over it
+        return on_error
 
 
 def _forget(url: str) -> None:
