@@ -15,6 +15,12 @@ finished predecessors are untouched: they are cache hits.
 A segment that no GPU worker is there to take (none subscribed, none busy holding its GPU's leased
 slot) for $LIVEAVATAR_WORKER_WAIT_S seconds (default 600) is taken out of the queue and the lecture
 fails with a message that says how to start a worker, or to generate in-process.
+
+A segment prefers the worker that made its predecessor: that worker keeps the state the segment
+continues from exactly (the LiveAvatar engine's step rings; elsewhere the engine replays an
+approximation). Every GPU worker also serves `generate_segment` under its own task key
+(`worker_task`); if the preferred worker is idle within `PREFER_WAIT_S` the segment is queued for it
+alone, else for any worker, and a preferred worker that goes away hands the segment back to any.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, get_current_settings, temporary_settings
 from prefect.states import Cancelled, Scheduled, State
@@ -44,6 +51,7 @@ MAX_LOSSES = 3  # a segment whose worker dies this many times fails the lecture
 WORKER_WAIT_ENV = "LIVEAVATAR_WORKER_WAIT_S"
 DEFAULT_WORKER_WAIT_S = 600.0
 GPU_SLOT_PREFIX = "gpu-"  # the GPU workers' concurrency limits (flows/worker.py: gpu-<host>-<K>)
+PREFER_WAIT_S = 2.0  # how long a segment waits for the worker that made its predecessor to be idle
 
 
 class WorkerLost(LiveAvatarError):
@@ -73,15 +81,38 @@ def worker_wait_s() -> float:
     return value if value > 0 else DEFAULT_WORKER_WAIT_S
 
 
-def run_on_gpu_workers(task, job: SegmentJob) -> State:
-    """Queue `job` for the GPU workers and return the task run's final state."""
+def worker_task(task, slot: str):
+    """`task` as only the GPU worker `slot` serves it (each GPU worker serves this and `task`)."""
+    own = task.with_options()
+    own.task_key = f"{task.task_key}@{slot}"
+    return own
+
+
+def pick_task(task, prefer: str | None, client, wait_s: float = PREFER_WAIT_S):
+    """`worker_task(task, prefer)` if that worker is idle (subscribed) within `wait_s`, else `task`."""
+    if prefer:
+        own = worker_task(task, prefer)
+        deadline = time.monotonic() + wait_s
+        while not _workers_serving(client, own.task_key, on_error=False):
+            if time.monotonic() >= deadline:
+                return task
+            time.sleep(0.1)
+        return own
+    return task
+
+
+def run_on_gpu_workers(task, job: SegmentJob, prefer: str | None = None) -> State:
+    """Queue `job` for the GPU workers (for the worker `prefer` if it is idle) and return the task
+    run's final state."""
     require_server()
     log = get_run_logger()
     # The worker runs its own copy of the task; it sees the submitter's settings (Prefect ships them
     # with the parameters), so a refresh asked for here reaches it as a setting, not a task option.
     refresh = {PREFECT_TASKS_REFRESH_CACHE: True} if task.refresh_cache else {}
+    with get_client(sync_client=True) as client:
+        target = pick_task(task, prefer, client)
     with temporary_settings(updates=refresh):
-        future = task.delay(job)
+        future = target.delay(job)
     run_id: UUID = future.task_run_id
     beat_url = heartbeat_url(job.work, str(run_id))
     watch = _Liveness(beat_url)
@@ -133,6 +164,21 @@ def run_on_gpu_workers(task, job: SegmentJob) -> State:
                     _cancel(client, run_id)
                     raise NoGpuWorker(f"segment {job.index}: {unserved.advice()}")
                 now = time.monotonic()
+                if target is not task and now - queued_since > 2 * PREFER_WAIT_S:
+                    if not _workers_serving(client, target.task_key, on_error=True):
+                        # The preferred worker went away or took other work: any worker will do.
+                        cancel = Cancelled(message="queued again for any worker")
+                        if client.set_task_run_state(run_id, cancel).status != SetStateStatus.ACCEPT:
+                            continue  # a worker took it meanwhile
+                        target = task
+                        with temporary_settings(updates=refresh):
+                            future = task.delay(job)
+                        run_id, beat_url = (
+                            future.task_run_id,
+                            heartbeat_url(job.work, str(future.task_run_id)),
+                        )
+                        watch, queued_since = _Liveness(beat_url), now
+                        continue
                 if now - queued_since > NO_WORKER_WARNING_S and now - warned_at > NO_WORKER_WARNING_S:
                     warned_at = now
                     if unserved.since is not None:
@@ -249,7 +295,7 @@ def _requeue(client, run_id: UUID) -> None:
     client.set_task_run_state(run_id, state, force=True)
 
 
-def _workers_serving(client, task_key: str) -> bool:
+def _workers_serving(client, task_key: str, on_error: bool = True) -> bool:
     """Whether a task worker is subscribed to `task_key` now (an idle one: a busy one disconnects)."""
     try:
         response = client._client.post(
@@ -257,8 +303,8 @@ def _workers_serving(client, task_key: str) -> bool:
         )
         response.raise_for_status()
         return bool(response.json())
-    except Exception:  # cannot tell: count it as served, so a lecture is not failed over a read error
-        return True
+    except Exception:  # cannot tell: `on_error` (served, for the no-worker bound; not, for a preference)
+        return on_error
 
 
 def _forget(url: str) -> None:

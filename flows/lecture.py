@@ -323,6 +323,7 @@ def generate_segments(
     progress = _Progress(plan)
     outputs, records = [], []
     previous: SegmentOutput | None = None
+    previous_cached = False
     for seg in plan:
         job = SegmentJob(
             key=segment_key(
@@ -351,7 +352,8 @@ def generate_segments(
             memory_budget_bytes=budget,
             work=work,
         )
-        output, cached = _run_segment(task, job, params.dispatch)
+        prefer = previous.details.get("worker") if previous and not previous_cached else None
+        output, cached = _run_segment(task, job, params.dispatch, prefer)
         outputs.append(output)
         records.append(
             SegmentRecord(
@@ -367,14 +369,17 @@ def generate_segments(
             )
         )
         progress.done(seg, cached, output.seconds)
-        previous = output
+        previous, previous_cached = output, cached
     return outputs, records
 
 
-def _run_segment(task, job: SegmentJob, dispatch: str) -> tuple[SegmentOutput, bool]:
-    """Run (or reuse) one segment here or on a GPU worker; returns its output and whether it was cached."""
+def _run_segment(
+    task, job: SegmentJob, dispatch: str, prefer: str | None = None
+) -> tuple[SegmentOutput, bool]:
+    """Run (or reuse) one segment here or on a GPU worker (`prefer`: the one that made the previous
+    segment, if idle); returns its output and whether it was cached."""
     if dispatch == "gpu-workers":
-        state = run_on_gpu_workers(task, job)
+        state = run_on_gpu_workers(task, job, prefer)
     else:
         state = task(job, return_state=True)
     output: SegmentOutput = state.result()
@@ -382,7 +387,7 @@ def _run_segment(task, job: SegmentJob, dispatch: str) -> tuple[SegmentOutput, b
     if cached and not storage.exists(output.video_url):
         # The cache record outlived the files it points to (a cleaned work store): make them again.
         get_run_logger().warning("segment %d: cached video missing, generating it again", job.index)
-        return _run_segment(task.with_options(refresh_cache=True), job, dispatch)[0], False
+        return _run_segment(task.with_options(refresh_cache=True), job, dispatch, prefer)[0], False
     return output, cached
 
 

@@ -124,6 +124,7 @@ def serve_gpu(options: WorkerOptions) -> None:
 
     from prefect.settings import get_current_settings
 
+    from flows.dispatch import worker_task
     from flows.lecture import DEFAULT_WORK
     from liveavatar_core import storage
     from liveavatar_core.engines import registry
@@ -163,7 +164,9 @@ def serve_gpu(options: WorkerOptions) -> None:
 
     task = generate_segment.with_options(result_storage=result_storage(work))
     try:
-        asyncio.run(serve_one_at_a_time(task))
+        # Also under this worker's own key: the next segment of a lecture prefers the worker that made
+        # the previous one (it keeps the state to continue from: flows/dispatch.py).
+        asyncio.run(serve_one_at_a_time(task, worker_task(task, slot)))
     except BaseException as exc:  # noqa: B036 - a stop arrives as one of these, maybe grouped
         if not _expected_stop(exc):
             raise
@@ -207,9 +210,12 @@ def _limit_threads(threads: int) -> None:
     cv2.setNumThreads(threads)
 
 
-async def serve_one_at_a_time(task) -> None:
-    """Serve `task`'s background runs from this process, one at a time, until stopped."""
-    await one_at_a_time_task_worker()(task, limit=1).astart()
+async def serve_one_at_a_time(*tasks) -> None:
+    """Serve `tasks`' background runs from this process, one at a time, until stopped."""
+    worker = one_at_a_time_task_worker()(*tasks, limit=1)
+    for served, task in zip(worker.tasks, tasks, strict=True):
+        served.task_key = task.task_key  # its copies get the function's key: keep a worker's own key
+    await worker.astart()
 
 
 def _expected_stop(exc: BaseException) -> bool:

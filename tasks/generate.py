@@ -62,7 +62,10 @@ def generate_segment(job: SegmentJob) -> SegmentOutput:
                 "segment %d: generating on %s (key %s)%s", job.index, slot, job.key[:12],
                 f", after waiting {waited:.1f} s for the slot" if waited >= 1 else "",
             )  # fmt: skip
-        return _generate(job, checkpoint_dir)
+        output = _generate(job, checkpoint_dir)
+        if slot:  # the worker that keeps this segment's state for the next one (flows/dispatch.py)
+            output = output.model_copy(update={"details": {**output.details, "worker": slot}})
+        return output
 
 
 def _generate(job: SegmentJob, checkpoint_dir: str | None) -> SegmentOutput:

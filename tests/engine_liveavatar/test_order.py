@@ -115,6 +115,10 @@ def test_replay_is_the_fallback_when_the_kept_state_is_elsewhere(engine, local_f
     assert len(second) == 48
     # Approximate: the replayed blocks miss what they attended to before the window.
     assert 0 < frame_diff(first + second, whole)
-    # The same handoff used twice: the rings it named were consumed by the first use.
-    _, again = run(engine, request(audio[2 * CLIP :], handoff=one.handoff))
-    assert again.details["continuation"] == "replay"
+    # The same handoff used twice: the rings it named were consumed by the first use. This time the
+    # replay (and the segment) run in sweep order: the same frames as the block-order replay.
+    by_sweep, again = run(
+        engine, request(audio[2 * CLIP :], handoff=one.handoff, config=SIZE.replace(order="sweep"))
+    )
+    assert again.details["continuation"] == "replay" and again.details["order"] == "sweep"
+    assert frame_diff(by_sweep, second) <= 1

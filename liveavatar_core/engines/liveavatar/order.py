@@ -12,6 +12,9 @@ inputs, in another order).
   latent becomes the sink of every later clip). Groups are also capped at `group_blocks` blocks, which
   bounds the sweep's hidden states (one block's tokens per block of the group).
 
+Both also replay a handoff's last blocks into the step rings (the fallback continuation), each in its
+own order.
+
 Randomness stays a function of (seed, clip, block, step): noise and sink distances are drawn by the
 segment (`SegmentRun.begin_block`) per block, whatever the order.
 """
@@ -27,6 +30,7 @@ import torch
 from .config import DiTConfig
 from .dit_audio import AudioTokens
 from .framepack import cond_token_count
+from .handoff import ReplayBlock
 
 if TYPE_CHECKING:
     from .pipeline import SegmentRun
@@ -52,6 +56,11 @@ class DenoisingOrder(Protocol):
     def denoise(self, run: SegmentRun, frame_indices: list[int]) -> Iterator[torch.Tensor]:
         """Denoise the blocks starting at `frame_indices` (consecutive); yield their clean latents in
         block order, each as soon as the order has finished it."""
+        ...
+
+    def replay(self, run: SegmentRun, blocks: list[ReplayBlock]) -> None:
+        """Rewrite the step rings as the previous segment wrote them (the fallback continuation): every
+        block's forwards at every step again, from the inputs it saw then; the predictions are unused."""
         ...
 
 
@@ -80,6 +89,23 @@ class BlockOrder:
                     work.x = run.schedule.step(i, velocity, work.x)
             run.end_block(work)
             yield work.x
+
+    def replay(self, run: SegmentRun, blocks: list[ReplayBlock]) -> None:
+        device = run.dit.device
+        for block in blocks:
+            run.ensure_cond(block.frame_index)
+            audio = run.dit.encode_audio(block.audio.to(device))
+            for i in range(run.schedule.steps):
+                run.dit.forward_block(
+                    block.inputs[i].to(device),
+                    run.schedule.timesteps[i],
+                    frame_index=block.frame_index,
+                    sink_distance=block.sink_distances[i],
+                    text=run.text,
+                    audio=audio,
+                    cond_cache=run.caches.cond,
+                    ring_cache=run.caches.rings[i],
+                )
 
 
 class SweepOrder:
@@ -126,6 +152,24 @@ class SweepOrder:
             for work in works:
                 run.end_block(work)
                 yield work.x
+
+    def replay(self, run: SegmentRun, blocks: list[ReplayBlock]) -> None:
+        device = run.dit.device
+        by_frame = {block.frame_index: block for block in blocks}
+        for group in self.groups(list(by_frame), run.clip_latents):
+            run.ensure_cond(group[0])
+            audio = [run.dit.encode_audio(by_frame[f].audio.to(device)) for f in group]
+            for i in range(run.schedule.steps):
+                run.dit.forward_sweep(
+                    [by_frame[f].inputs[i].to(device) for f in group],
+                    run.schedule.timesteps[i],
+                    frame_indices=group,
+                    sink_distances=[by_frame[f].sink_distances[i] for f in group],
+                    text=run.text,
+                    audio=audio,
+                    cond_cache=run.caches.cond,
+                    ring_cache=run.caches.rings[i],
+                )
 
 
 def sweep_state_bytes(

@@ -232,22 +232,8 @@ class SegmentRun:
         self.next_frame = s.next_frame
         rings_continue = self.continuation in ("replay", "kept state")
         self.window = list(s.replay) if rings_continue else []
-        if self.continuation != "replay":
-            return  # the rings are as the previous segment left them, or start empty
-        for block in self.window:  # the rings, rewritten as the previous segment wrote them
-            self.ensure_cond(block.frame_index)
-            audio = self.dit.encode_audio(block.audio.to(device))
-            for i in range(self.schedule.steps):
-                self.dit.forward_block(
-                    block.inputs[i].to(device),
-                    self.schedule.timesteps[i],
-                    frame_index=block.frame_index,
-                    sink_distance=block.sink_distances[i],
-                    text=self.text,
-                    audio=audio,
-                    cond_cache=self.caches.cond,
-                    ring_cache=self.caches.rings[i],
-                )
+        if self.continuation == "replay":  # else the rings are as the previous segment left them, or empty
+            self.order.replay(self, self.window)
 
     # ----- the loop ---------------------------------------------------------------------------------
 
