@@ -36,31 +36,16 @@ PRIME_LATENTS = 7
 LATENTS_PER_CLIP = 12
 BLOCK_LATENTS = 3
 
+FUSED_CL = DecodeOptions(chunk=4, fused=True, channels_last=True)
+FAST = DecodeOptions(chunk=4, fused=True, compiled=True, channels_last=True)
 VARIANTS: list[tuple[str, DecodeOptions, bool, int]] = [  # name, options, cudnn.benchmark, latents per call
     ("today: diffusers, 1 latent a call", DecodeOptions(), False, BLOCK_LATENTS),
     ("diffusers, a block a call", DecodeOptions(chunk=4), False, BLOCK_LATENTS),
     ("fused, a block a call", DecodeOptions(chunk=4, fused=True), False, BLOCK_LATENTS),
-    ("fused, channels-last", DecodeOptions(chunk=4, fused=True, channels_last=True), False, BLOCK_LATENTS),
-    ("fused, compiled norms", DecodeOptions(chunk=4, fused=True, compiled=True), False, BLOCK_LATENTS),
-    (
-        "fused, compiled, channels-last",
-        DecodeOptions(chunk=4, fused=True, compiled=True, channels_last=True),
-        False,
-        BLOCK_LATENTS,
-    ),
-    (
-        "fused, compiled, channels-last, whole clip",
-        DecodeOptions(chunk=12, fused=True, compiled=True, channels_last=True),
-        False,
-        LATENTS_PER_CLIP,
-    ),
-    ("fused, compiled +benchmark", DecodeOptions(chunk=4, fused=True, compiled=True), True, BLOCK_LATENTS),
-    (
-        "fused, compiled, channels-last +benchmark",
-        DecodeOptions(chunk=4, fused=True, compiled=True, channels_last=True),
-        True,
-        BLOCK_LATENTS,
-    ),
+    ("fused, channels-last", FUSED_CL, False, BLOCK_LATENTS),
+    ("fused, compiled, channels-last", FAST, False, BLOCK_LATENTS),
+    ("fused, compiled, channels-last, whole clip", DecodeOptions(**{**asdict(FAST), "chunk": 12}), False, 12),
+    ("fused, compiled, channels-last +benchmark", FAST, True, BLOCK_LATENTS),
 ]
 
 
