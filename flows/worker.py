@@ -121,6 +121,10 @@ def serve_gpu(options: WorkerOptions) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     if options.checkpoint_dir:
         os.environ["LIVEAVATAR_CHECKPOINT_DIR"] = options.checkpoint_dir
+    # Before anything compiles: torch.compile's caches where a restarted worker finds them again.
+    from liveavatar_core.engines.warmup import use_compile_cache
+
+    compile_cache = use_compile_cache()
 
     from prefect.settings import get_current_settings
 
@@ -138,6 +142,11 @@ def serve_gpu(options: WorkerOptions) -> None:
     _limit_threads(threads)
     os.environ[THREADS_ENV] = str(threads)
     log.info("GPU %d: %d CPU threads for torch, OpenCV and the video encoder", options.gpu, threads)
+    log.info(
+        "GPU %d: compile cache %s",
+        options.gpu,
+        compile_cache or "temporary ($LIVEAVATAR_COMPILE_CACHE unset)",
+    )
     work = options.work or os.environ.get("LIVEAVATAR_WORK") or DEFAULT_WORK
     work = work if storage.is_remote(work) else str(storage.local_path(work))
     if not storage.is_remote(work):

@@ -20,6 +20,7 @@ from liveavatar_core.engines.liveavatar.vae import (
     original_to_diffusers_key,
     to_uint8,
 )
+from liveavatar_core.engines.liveavatar.vae_decode import DecodeOptions, compiled_rms_act, rms_act
 from liveavatar_core.errors import InputError
 
 H, W = 16, 24  # pixels; latents 2 x 3
@@ -190,3 +191,77 @@ def test_pixels_and_uint8(vae):
         image_to_tensor(np.zeros((20, 24, 3), np.uint8))
     x = image_to_tensor(np.full((8, 8, 3), 255, np.uint8))
     assert x.shape == (1, 3, 1, 8, 8) and x.max().item() == 1.0
+
+
+# ----- the faster decode path (vae_decode.py) ------------------------------------------------------------
+
+
+def _decode_blocks(vae, options, z, cuts=(1, 4, 7, 10)):
+    """A fresh stream with `options` decoding z in the pipeline's way (a first piece, then blocks)."""
+    vae.decode_options = options
+    try:
+        stream = vae.decoder_stream()
+        edges = [0, *cuts, z.shape[2]]
+        frames = [stream.decode(z[:, :, a:b]) for a, b in zip(edges, edges[1:], strict=False) if b > a]
+        return torch.cat(frames, dim=2), stream
+    finally:
+        vae.decode_options = DecodeOptions()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        DecodeOptions(chunk=4),
+        DecodeOptions(fused=True),
+        DecodeOptions(chunk=3, fused=True),
+        DecodeOptions(chunk=4, fused=True, channels_last=True),
+    ],
+    ids=["chunked", "fused", "fused-chunked", "fused-chunked-channels-last"],
+)
+def test_fast_decode_equals_the_diffusers_loop_and_shares_its_state(vae, options):
+    z = latents(13, seed=4)
+    today, reference = _decode_blocks(vae, DecodeOptions(), z)
+    fast, stream = _decode_blocks(vae, options, z, cuts=(1, 2, 6, 9))
+    assert fast.shape == today.shape == (1, 3, 49, H, W)
+    # float32: the same function up to the convs' rounding (far below a level of 255: 1 level = 0.0078)
+    assert (fast - today).abs().max().item() < 1e-5
+    for a, b in zip(stream.cache, reference.cache, strict=True):
+        assert type(a) is type(b)  # same slots, same "Rep" marker
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)  # activations, up to ~10
+    # Either path continues the other's stream.
+    more = latents(3, seed=5)
+    vae.decode_options = options
+    crossed = vae.decoder_stream()
+    vae.decode_options = DecodeOptions()
+    crossed.cache, crossed.latents_in = list(reference.cache), reference.latents_in
+    assert (crossed.decode(more) - reference.decode(more)).abs().max().item() < 1e-5
+
+
+def test_fused_decode_rounds_like_diffusers_in_bfloat16(checkpoint):
+    """One latent a call in bf16: the fused forward gives diffusers' frames bit for bit on this CPU."""
+    vae = WanVideoVAE.load(checkpoint).to(dtype=torch.bfloat16)
+    z = latents(5, seed=6)
+    today, _ = _decode_blocks(vae, DecodeOptions(), z, cuts=(1, 3))
+    fused, _ = _decode_blocks(vae, DecodeOptions(fused=True), z, cuts=(1, 3))
+    assert torch.equal(fused, today)
+
+
+def test_compiled_norm_chain_equals_the_eager_one():
+    x = torch.randn(1, 16, 3, 4, 6, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    gamma = torch.rand(1, 16, 1, 1, 1, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16) + 0.5
+    eager = rms_act(x, gamma, 4.0, True)
+    compiled = compiled_rms_act()(x, gamma, 4.0, True)
+    # Rounded where eager rounds; only the norm's float32 sum may be ordered differently (one bf16 step).
+    assert ((compiled.float() - eager.float()).abs() <= eager.float().abs() * 2**-7).all()
+    assert (compiled != eager).float().mean().item() < 0.01
+    channels_last = compiled_rms_act()(x.contiguous(memory_format=torch.channels_last_3d), gamma, 4.0, False)
+    plain = rms_act(x, gamma, 4.0, False)
+    assert ((channels_last.float() - plain.float()).abs() <= plain.float().abs() * 2**-7).all()
+
+
+def test_decode_options_refuse_nonsense():
+    with pytest.raises(ValueError, match="chunk"):
+        DecodeOptions(chunk=0)
+    with pytest.raises(ValueError, match="fused"):
+        DecodeOptions(compiled=True)

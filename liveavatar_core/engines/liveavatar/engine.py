@@ -77,6 +77,8 @@ from .pipeline import (
 from .ring import WindowRing, ring_capacity_frames
 from .rungs import SIDE_MULTIPLE, degrade_ladder, first_fitting
 from .text_encoder import TEXT_LEN
+from .vae_decode import DIFFUSERS as DIFFUSERS_DECODE
+from .vae_decode import FAST as FAST_DECODE
 
 _PORTRAITS_KEPT = 2  # portrait states cached per engine (a worker serves one or two lectures at a time)
 
@@ -344,6 +346,8 @@ class LiveAvatarEngine(Engine):
             apply_compile(dit)
         else:
             remove_compile(dit)
+        # The VAE decoder's fast path (vae_decode.py) goes with compiling: rounding-level differences.
+        self.parts.vae.decode_options = FAST_DECODE if self._compiles(config) else DIFFUSERS_DECODE
         # Encoders: text runs on the host when offloaded, wav2vec2 visits the device per chunk. The flag
         # is None while a move is under way, so a move an OOM interrupted is redone.
         if config.offload_encoders and self._encoders_resident is not False:

@@ -7,8 +7,9 @@ is what the DiT reads and writes.
 
 Both halves of the VAE are causal: every temporal conv keeps the last two frames of its input (diffusers'
 `feat_cache` list) and the reference drives them one chunk at a time (encoder: 1 frame, then 4 at a time;
-decoder: 1 latent at a time). `StreamingEncoder` / `StreamingDecoder` run exactly that loop but keep the
-cache between calls, so a lecture is coded incrementally and nothing is coded twice; their state can be
+decoder: 1 latent at a time). `StreamingEncoder` / `StreamingDecoder` run exactly that loop (or, for the
+decoder, the faster one of `vae_decode.py` over the same cache: `decode_options`) but keep the cache
+between calls, so a lecture is coded incrementally and nothing is coded twice; their state can be
 saved to bytes and restored (segment handoff).
 
 A constant clip (the portrait repeated) drives the caches into a fixed point after a few chunks; once the

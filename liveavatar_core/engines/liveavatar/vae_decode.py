@@ -80,7 +80,8 @@ def rms_act(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool) -> t
 @functools.cache
 def compiled_rms_act() -> NormAct:
     """`rms_act` through torch.compile (one kernel per layout; shapes dynamic, so clip lengths share it)."""
-    return torch.compile(rms_act, fullgraph=True, dynamic=True)
+    # emulate_precision_casts: round where eager rounds (inductor otherwise keeps float32 between steps)
+    return torch.compile(rms_act, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
 
 
 class FusedDecoder:
