@@ -161,11 +161,15 @@ class LiveAvatarEngine(Engine):
         return GenerationConfig()
 
     def estimate_memory(self, config: GenerationConfig) -> int:
-        return estimate_memory(config, self.dit_config, self.sizes, self.dtype).total
+        return estimate_memory(
+            config, self.dit_config, self.sizes, self.dtype, self.settings.sweep_blocks
+        ).total
 
     def memory_parts(self, config: GenerationConfig) -> dict[str, int]:
         """The estimate by part (for reports and the benchmark)."""
-        return estimate_memory(config, self.dit_config, self.sizes, self.dtype).parts
+        return estimate_memory(
+            config, self.dit_config, self.sizes, self.dtype, self.settings.sweep_blocks
+        ).parts
 
     def ladder(self, config: GenerationConfig) -> list[Rung]:
         return degrade_ladder(

@@ -37,6 +37,7 @@ from .backends import fp8_linear_names
 from .config import DiTConfig
 from .framepack import cond_token_count
 from .kv_cache import kv_bytes_per_token
+from .order import sweep_state_bytes
 from .ring import ring_capacity_frames
 from .text_encoder import TextEncoderConfig
 from .vae import decoder_state_nbytes
@@ -120,9 +121,14 @@ class MemoryEstimate:
 
 
 def estimate_memory(
-    config: GenerationConfig, dit: DiTConfig, sizes: ModelSizes, dtype: torch.dtype = torch.bfloat16
+    config: GenerationConfig,
+    dit: DiTConfig,
+    sizes: ModelSizes,
+    dtype: torch.dtype = torch.bfloat16,
+    sweep_blocks: int = 64,
 ) -> MemoryEstimate:
-    """Peak device bytes of one segment generated with `config` (see the module docstring)."""
+    """Peak device bytes of one segment generated with `config` (see the module docstring); in sweep
+    order, with groups of at most `sweep_blocks` blocks."""
     b = dtype.itemsize
     h, w = config.height // 8, config.width // 8
     fsl = dit.tokens_per_frame(h, w)
@@ -145,6 +151,8 @@ def estimate_memory(
         parts["kv_rings"] = 2 * 2 * ring_tokens * dit.dim * b
     else:
         parts["kv_rings"] = config.steps * ring_tokens * per_token
+    if config.order == "sweep":  # every block's hidden state between layers (a longest group)
+        parts["sweep_state"] = sweep_state_bytes(dit, h, w, sweep_blocks, b)
     parts["vae_decoder_cache"] = _decoder_state_nbytes(config.height, config.width, dtype, sizes.vae_base_dim)
     parts["transient"] = max(
         block_activation_bytes(dit, fsl, cond_tokens, b),
