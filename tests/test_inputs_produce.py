@@ -98,6 +98,18 @@ def screen_recording(dst: Path, audio: Path) -> Path:
     return dst
 
 
+@pytest.mark.parametrize("kind", ["normal", "loudnorm16"])
+def test_ordinary_speech_at_minus_23_and_minus_16_lufs_publishes(tmp_path, capsys, kind):
+    """The reported failure: a 44.1 kHz stereo MP3 at -23 (or already -16) LUFS came out near -17.4."""
+    src = voice_lecture(tmp_path / f"{kind}.mp3", kind, bitrate="128k")
+    code, err, out = produce(tmp_path, capsys, audio=src)
+    published(code, err, out)
+    loudness = {c["name"]: c for c in json.loads((out / "qc.json").read_text())["checks"]}["loudness"]
+    assert abs(loudness["value"] + 16.0) <= 0.35, loudness
+    audio = media.probe(out / "video.mp4").audio
+    assert (audio.codec, audio.sample_rate, audio.channels) == ("aac", 44100, 2)
+
+
 @pytest.mark.parametrize("suffix", [".mp4", ".mov", ".mkv", ".webm"])
 def test_audio_inside_a_video_file(tmp_path, capsys, suffix):
     wav = voice_lecture(tmp_path / "voice.wav", "normal")
