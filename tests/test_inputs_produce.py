@@ -211,7 +211,7 @@ def _exif_rotated(path: Path, rgb: np.ndarray) -> Path:
 def _alpha(path: Path, rgb: np.ndarray) -> Path:
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
     rgba[:, : rgb.shape[1] // 10, 3] = 0  # a transparent strip at the left
-    Image.fromarray(rgba, "RGBA").save(path)
+    Image.fromarray(rgba).save(path)  # 4 channels of uint8: RGBA
     return path
 
 
