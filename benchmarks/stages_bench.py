@@ -13,6 +13,7 @@ Target (issue 2): everything but generation under 3% of the lecture's duration, 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import platform
 import subprocess
@@ -120,7 +121,8 @@ def run_stages(audio: str, work: str, out: str, size: str) -> dict:
         track["url"] = encode_audio_track.fn(prep)
         track["seconds"] = time.perf_counter() - start
 
-    encoder = threading.Thread(target=encode_track)
+    # The flow's context goes with it (the task logs through it, as it does when the flow submits it).
+    encoder = threading.Thread(target=contextvars.copy_context().run, args=(encode_track,))
     encoder.start()
     with stage("generate (preview engine; excluded)"):
         for seg in plan:

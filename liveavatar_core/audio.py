@@ -221,11 +221,6 @@ class PublishedTrack:
     gain_db: float  # gain before the true-peak limiter
     passes: int  # gain-and-limit passes it took (each measured)
 
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["path"] = str(self.path)
-        return data
-
 
 def publish_layout(info: AudioInfo) -> tuple[int, int]:
     """(sample rate, channels) of the published track for a source described by `info`."""

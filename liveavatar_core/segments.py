@@ -10,8 +10,8 @@ The plan is chosen by dynamic programming over candidate cut points (the middle 
 pause, points every half second inside long pauses, and evenly spaced hard cuts only where some
 stretch between candidates is longer than allowed). A plan's cost adds, per segment, how far its
 length is from the target (relative), a penalty for very short segments, a large penalty per hard
-cut, a penalty for cutting near a pause's edge rather than its middle, and subtracts a bonus for
-longer pauses (up to 1 s). The cheapest plan is exact, not greedy, so an early choice never forces
+cut, a penalty for cutting near a pause's edge rather than its middle, a penalty for a pause under
+0.25 s inside a sentence (a comma, a breath), and subtracts a bonus for longer pauses (up to 1 s). The cheapest plan is exact, not greedy, so an early choice never forces
 a needless hard cut later.
 """
 
@@ -37,6 +37,10 @@ PAUSE_BONUS = 0.3  # a cut in a pause of 1 s or more (scaled down for shorter pa
 PAUSE_BONUS_CAP_S = 1.0
 CLEAR_OF_SPEECH_S = 0.5  # past this distance from speech, a cut is as good as mid-pause
 LONG_PAUSE_GRID_S = 0.5  # spacing of extra candidates inside long pauses
+# A pause shorter than this between two stretches of speech is a comma or a breath inside a sentence:
+# cutting there costs more than any length deviation a sentence pause would need, less than a hard cut.
+BRIEF_PAUSE_S = 0.25
+BRIEF_PAUSE_COST = 3.0
 
 Cut = Literal["pause", "hard", "end"]
 
@@ -164,6 +168,8 @@ def _pause_candidates(spans: list[tuple[int, int]], total: int) -> list[_Candida
         speech_before, speech_after = i > 0, i + 2 < len(edges)
         length = b - a
         bonus = PAUSE_BONUS * min(length / AUDIO_SAMPLE_RATE, PAUSE_BONUS_CAP_S) / PAUSE_BONUS_CAP_S
+        if speech_before and speech_after and length < BRIEF_PAUSE_S * AUDIO_SAMPLE_RATE:
+            bonus -= BRIEF_PAUSE_COST
         # how far from speech a cut must be to count as mid-pause: half the pause, at most `clear`
         reach = min(clear, length / 2 if speech_before and speech_after else length)
         positions = {round((a + b) / 2 / frame)}

@@ -115,6 +115,21 @@ def test_prefers_a_long_pause_near_the_target_to_a_blip_on_it():
     assert plan[0].end_s == pytest.approx(11.6, abs=0.02) and plan[0].cut == "pause"
 
 
+def test_a_comma_inside_a_sentence_loses_to_a_sentence_pause_a_third_of_the_target_away():
+    # What an 8 kHz telephone lecture gave (tests/test_inputs_produce.py): the voice detector hears a
+    # 0.13 s gap at a comma right on the target, and sentence pauses 2.2 and 3.4 s off it.
+    spans = [Span(0.55, 8.22), Span(9.6, 14.4), Span(15.17, 16.93), Span(17.06, 19.36), Span(20.99, 31.0)]
+    plan = plan_segments(31 * SR, spans, target_s=8, max_s=12)
+    check_plan(plan, 31 * SR, spans, 12)
+    assert all(abs(seg.end_s - 17.0) > 0.2 for seg in plan[:-1]), plan
+
+
+def test_a_comma_is_still_cut_rather_than_speech():
+    spans = [Span(0.0, 9.9), Span(10.05, 25.0)]  # only a 0.15 s gap within 15 s of the start
+    plan = plan_segments(25 * SR, spans, target_s=10, max_s=15)
+    assert plan[0].cut == "pause" and 9.9 <= plan[0].end_s <= 10.05
+
+
 def test_prefers_a_pause_on_the_target_to_a_long_one_far_away():
     spans = [Span(0.0, 5.0), Span(6.2, 9.8), Span(10.2, 19.5)]
     plan = plan_segments(20 * SR, spans, target_s=10, max_s=15)
