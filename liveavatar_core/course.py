@@ -333,8 +333,8 @@ def _explain(error: dict[str, Any]) -> str:
         parent = error["loc"][:-1]
         model = Defaults if parent == ("defaults",) else Lecture if parent[:1] == ("lectures",) else Course
         close = difflib.get_close_matches(str(error["loc"][-1]), list(model.model_fields), n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"unknown field; {hint}expected one of {', '.join(model.model_fields)}"
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown field; expected one of {', '.join(model.model_fields)}{hint}"
     if kind == "missing":
         return "required field is missing"
     if kind == "string_pattern_mismatch":
