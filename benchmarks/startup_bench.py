@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIRST_LINE = "Beginning flow run"  # the flow's first progress line
 
 
-def timed_produce(home: Path, tmp: Path, audio: Path) -> dict:
+def timed_produce(home: Path, tmp: Path, audio: Path, checkout: Path = ROOT) -> dict:
     """Run `produce` once; seconds to the first progress line and to the end, and the exit code."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(home), PYTHONUNBUFFERED="1")
@@ -43,7 +43,7 @@ def timed_produce(home: Path, tmp: Path, audio: Path) -> dict:
     argv += ["--work", str(tmp / "work")]
     start = time.monotonic()
     proc = subprocess.Popen(
-        argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        argv, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     watch = psutil.Process(proc.pid)
     first = first_cpu = None
@@ -64,10 +64,10 @@ def timed_produce(home: Path, tmp: Path, audio: Path) -> dict:
     }
 
 
-def import_seconds() -> float:
+def import_seconds(checkout: Path) -> float:
     """What a warm run pays before it talks to any server: Python, the CLI and the flow's imports."""
     start = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import flows.cli, flows.lecture"], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-c", "import flows.cli, flows.lecture"], cwd=checkout, check=True)
     return time.monotonic() - start
 
 
@@ -75,18 +75,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warm-runs", type=int, default=3)
     parser.add_argument("--out", type=Path, help="write startup_bench.json here")
+    parser.add_argument(
+        "--checkout",
+        type=Path,
+        default=ROOT,
+        help="run the CLI of this checkout (e.g. an earlier commit's worktree, for comparison)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         home = tmp / "prefect-home"
         try:
-            missing = timed_produce(home, tmp, tmp / "no-such-lecture.mp3")
-            cold = timed_produce(home, tmp, ROOT / "examples/lecture.mp3")
-            warm = [timed_produce(home, tmp, ROOT / "examples/lecture.mp3") for _ in range(args.warm_runs)]
-            imports = [import_seconds() for _ in range(args.warm_runs)]
+            sample = ROOT / "examples/lecture.mp3"
+            missing = timed_produce(home, tmp, tmp / "no-such-lecture.mp3", args.checkout)
+            cold = timed_produce(home, tmp, sample, args.checkout)
+            warm = [timed_produce(home, tmp, sample, args.checkout) for _ in range(args.warm_runs)]
+            imports = [import_seconds(args.checkout) for _ in range(args.warm_runs)]
         finally:
             local_server.stop(home)
     result = {
+        "checkout": str(args.checkout),
         "machine": f"{platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()})",
         "load_average_at_end": os.getloadavg(),
         "misspelt_path_refused_s": round(missing["total_s"], 2),
