@@ -29,7 +29,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Prefect's servers (the local one too) would send telemetry: nowhere to on closed networks, and it logs errors.
+    # No telemetry from Prefect's servers (the CLI's local one too): closed networks, logged errors.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
