@@ -322,7 +322,7 @@ class PictureQC:
             skipped = f"skipped: {self.skip_reason}"
             checks = [
                 QCCheck("identity", True, None, identity.THRESHOLD, skipped),
-                QCCheck("lip_sync", True, None, [lipsync.MAX_ABS_LAG, lipsync.MIN_CORRELATION], skipped),
+                QCCheck("lip_sync", True, None, lipsync.MAX_ABS_LAG, skipped),
             ]
         else:
             checks = [_identity_check(segs), _lip_check(data["lip_sync"], segs)]
@@ -378,7 +378,7 @@ def _identity_check(segs: list[dict[str, Any]]) -> QCCheck:
 
 
 def _lip_check(lecture: dict[str, Any] | None, segs: list[dict[str, Any]]) -> QCCheck:
-    limit = [lipsync.MAX_ABS_LAG, lipsync.MIN_CORRELATION]
+    limit = lipsync.MAX_ABS_LAG  # frames; the correlation floor is in the detail and in picture.thresholds
     if lecture is None:
         return QCCheck(
             "lip_sync", False, None, limit, "no segment had enough speech and a face to measure (proxy)"
@@ -386,7 +386,8 @@ def _lip_check(lecture: dict[str, Any] | None, segs: list[dict[str, Any]]) -> QC
     judged = [s for s in segs if s["lip_sync"] and s["lip_sync"]["passed"] is not None]
     failed = [s for s in judged if not s["lip_sync"]["passed"]]
     detail = (
-        f"proxy: lecture lag {lecture['lag_frames']} frames, correlation {lecture['correlation']}; "
+        f"proxy: lecture lag {lecture['lag_frames']} frames, correlation {lecture['correlation']} "
+        f"(floor {lipsync.MIN_CORRELATION}); "
         f"{len(failed)} of {len(judged)} measured segments out of sync"
     )
     if failed:
@@ -394,5 +395,4 @@ def _lip_check(lecture: dict[str, Any] | None, segs: list[dict[str, Any]]) -> QC
             f"segment {s['index']}: lag {s['lip_sync']['lag_frames']}, correlation {s['lip_sync']['correlation']}"
             for s in failed[:5]
         )
-    value = {"lag_frames": lecture["lag_frames"], "correlation": lecture["correlation"]}
-    return QCCheck("lip_sync", lecture["passed"] and not failed, value, limit, detail)
+    return QCCheck("lip_sync", lecture["passed"] and not failed, lecture["lag_frames"], limit, detail)
