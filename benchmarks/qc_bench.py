@@ -101,6 +101,7 @@ def timed(**kwargs) -> dict:
             "lip_sync": report.picture["lip_sync"],
             "identity_samples": sum(len(s["identity"]["samples"]) for s in report.picture["segments"]),
             "worst_identity": max(s["identity"].get("worst", 0) for s in report.picture["segments"]),
+            "jumps_at_s": [c["at_s"] for c in report.picture["cuts"] if c.get("ratio", 0) > 4.0],
         },
     }
 
@@ -116,8 +117,15 @@ def main() -> None:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        paths, unit_wav = render_unit(work, args.unit_minutes)
-        video, wav, segments = repeat(paths, unit_wav, args.minutes // args.unit_minutes, work)
+        if args.keep and (work / "lecture.mp4").exists():  # built by an earlier run with --keep
+            video, wav = work / "lecture.mp4", work / "lecture16k.wav"
+            lengths = [media.probe(p).video.frames for p in sorted(work.glob("seg*.mp4"))]
+            lengths *= args.minutes // args.unit_minutes
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            segments = [(int(a), int(a + n)) for a, n in zip(starts, lengths, strict=True)]
+        else:
+            paths, unit_wav = render_unit(work, args.unit_minutes)
+            video, wav, segments = repeat(paths, unit_wav, args.minutes // args.unit_minutes, work)
         spans = detect_speech(wav)
         print(
             f"built {video.stat().st_size / 2**20:.0f} MB, {len(segments)} segments in {time.perf_counter() - t:.0f} s"
