@@ -8,9 +8,10 @@ the container and sound checks alone, and with the picture checks (identity, lip
 
     .venv/bin/python benchmarks/qc_bench.py --minutes 60 --out benchmarks/results
 
-Reports wall seconds and CPU seconds, split between this process (decoding, picture checks) and the
-ffmpeg loudness meter that runs beside it: on a shared machine the wall time moves with the load, the
-CPU time much less; on two free cores the stage takes about the larger of the two.
+Reports wall seconds and CPU seconds, split between this process (decoding, picture checks) and its
+children that run beside it (ffmpeg's loudness meter, the identity helper process): on a shared
+machine the wall time moves with the load, the CPU time much less; on two free cores the stage takes
+about the larger of the two.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def repeat(paths: list[Path], wav: Path, times: int, work: Path) -> tuple[Path, 
 
 
 def cpu_seconds() -> tuple[float, float]:
-    """CPU seconds of this process, and of its finished children (ffmpeg's loudness meter)."""
+    """CPU seconds of this process, and of its finished children (ffmpeg's loudness meter, the
+    identity helper process)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
@@ -93,7 +95,7 @@ def timed(**kwargs) -> dict:
         "wall_s": round(time.perf_counter() - wall, 1),
         "cpu_s": round(own_after - own + kids_after - kids, 1),
         "cpu_python_s": round(own_after - own, 1),
-        "cpu_ffmpeg_s": round(kids_after - kids, 1),
+        "cpu_children_s": round(kids_after - kids, 1),
         "failed": report.to_dict()["failed"],
         "picture": None
         if report.picture is None
