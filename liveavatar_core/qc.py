@@ -323,6 +323,8 @@ def run_qc(
         if loud_proc is not None:
             loud_proc.kill()
             loud_proc.wait()
+        if picture is not None:
+            picture.close()
         raise
     report.checks += _video_checks(info, decoded, expected_frames)
     report.checks += _timing_checks(info, audio_duration_s, frame_s)

@@ -155,7 +155,7 @@ def test_sound_4_frames_late_fails_lip_sync_with_lag_4(shifted, speech):
     report = _qc(shifted, speech)
     assert report.to_dict()["failed"] == ["lip_sync"]
     check = report.check("lip_sync")
-    assert check.value["lag_frames"] == 4
+    assert check.value == 4 and check.limit == 1
     segments = _seg(report, "lip_sync")
     assert all(abs(s["lag_frames"] - 4) <= 1 and s["passed"] is False for s in segments), segments
     assert "lecture lag 4 frames" in check.detail and check.detail.startswith("proxy")
@@ -306,3 +306,45 @@ def test_qc_command_exit_codes_and_files(tmp_path, good, shifted, speech, capsys
         .startswith(f"error: --image {faceless}: no face found")
     )
     assert not (tmp_path / "bad").exists()
+
+
+def test_flow_task_checks_per_segment_and_publishes_the_table_artifact(prefect_api, good, speech, astronaut):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from liveavatar_core.portrait import encode_png
+    from tasks.finish import quality_check
+    from tasks.models import AudioPrep, EngineChoice, PortraitPrep, SpeechSpanRecord
+    from tasks.qc import picture_artifact
+
+    crop = good.parent / "crop.png"
+    crop.write_bytes(encode_png(astronaut.image))
+    prep = AudioPrep(
+        wav_url=str(speech.wav), samples=speech.samples, duration_s=speech.samples / 16_000, sample_rate=16_000,
+        channels=1, codec="pcm_s16le", loudness_in={}, loudness_out={},
+        speech=[SpeechSpanRecord(start_s=s.start_s, end_s=s.end_s) for s in speech.spans],
+    )  # fmt: skip
+    face = PortraitPrep(url=str(crop), sha256="0", face_box=astronaut.face_box, faces_found=1, warnings=[])
+    frames = [b - a for a, b in speech.segments]
+
+    def engine(weights: str) -> EngineChoice:
+        return EngineChoice(name="liveavatar", version="1", weights=weights, reason="test")
+
+    @flow
+    def check() -> tuple[dict, dict]:
+        real = quality_check(str(good), prep, frames, face, engine("checkpoint"))
+        picture_artifact(real, "0123456789abcdef0123")
+        return real, quality_check(str(good), prep, frames, face, engine("random"))
+
+    real, random = check()
+    assert real["passed"] and [s["identity"]["passed"] for s in real["picture"]["segments"]] == [True] * 3
+    assert random["picture"]["skipped"] == "random weights: the video shows no face"
+    assert all(c["detail"].startswith("skipped: random weights") for c in random["checks"][-4:])
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["picture-qc-0123456789abcdef"]))
+        )
+    rows = json.loads(artifact.data)
+    assert [r["segment"] for r in rows] == [0, 1, 2] and all(r["lip sync"] for r in rows)
+    assert rows[0]["lip-sync proxy lag"] in (-1, 0, 1) and artifact.type == "table"

@@ -64,3 +64,14 @@ def portrait_descriptor(rgb: np.ndarray) -> np.ndarray | None:
 
 def distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b))
+
+
+def distance_to(
+    reference: np.ndarray, rgb: np.ndarray, box: tuple[int, int, int, int] | None
+) -> float | None:
+    """Distance from `reference` to the face in `box` (left, top, right, bottom; None: search for one).
+
+    Picklable arguments and result: QC runs it in a helper process (dlib holds the GIL).
+    """
+    found = descriptor(rgb, None if box is None else dlib.rectangle(*box))
+    return None if found is None else distance(reference, found)
