@@ -19,6 +19,9 @@ MAX_LAG = 10  # frames searched either way
 MAX_ABS_LAG = 1  # gate: the best lag must be within this many frames of 0
 MIN_CORRELATION = 0.4  # gate: the best correlation must reach this (calibration: docs/qc.md)
 MIN_SPEECH_FRAMES = 25  # a window with less speech than this is not judged
+# A segment's window is 2-3 s: speech's own rhythm can give a far lag nearly the same correlation as the
+# true one. Such a window fails only when a lag outside ±MAX_ABS_LAG beats the best within it by this.
+SEGMENT_LAG_MARGIN = 0.1
 _PATCH = 32  # the mouth patch is _PATCH x _PATCH pixels
 _FLOOR_DB = 40.0  # the envelope is floored this far under the window's loudest frame
 
@@ -118,6 +121,15 @@ def correlations(mouth: np.ndarray, envelope: np.ndarray, max_lag: int = MAX_LAG
             continue
         out[lag] = float(np.corrcoef(m[ok], e[ok])[0, 1])
     return out
+
+
+def segment_passed(corrs: dict[int, float]) -> bool:
+    """A short window's verdict: the best correlation within ±MAX_ABS_LAG reaches the floor, and no lag
+    outside it is better by more than SEGMENT_LAG_MARGIN."""
+    near = [c for lag, c in corrs.items() if abs(lag) <= MAX_ABS_LAG]
+    if not near:
+        return False
+    return max(near) >= MIN_CORRELATION and max(corrs.values()) - max(near) <= SEGMENT_LAG_MARGIN
 
 
 def best(corrs: dict[int, float]) -> tuple[int | None, float | None]:

@@ -254,7 +254,8 @@ class PictureQC:
             mouth = np.array([seg.mouth.get(seg.lip_start + k, np.nan) for k in range(n)], np.float32)
             env = lipsync.envelope_db(lipsync.audio_track(video_path, seg.lip_start, n), n)
             speech = sum(_in_speech(seg.lip_start + k, self.speech, self.fps) for k in range(n))
-            lag, corr = lipsync.best(lipsync.correlations(mouth, env))
+            corrs = lipsync.correlations(mouth, env)
+            lag, corr = lipsync.best(corrs)
             judged = speech >= lipsync.MIN_SPEECH_FRAMES and np.isfinite(mouth).sum() * 2 > n
             out["lip_sync"] = {
                 "window_s": [round(seg.lip_start / self.fps, 2), round(seg.end / self.fps, 2)],
@@ -262,7 +263,7 @@ class PictureQC:
                 "mouth_frames": int(np.isfinite(mouth).sum()),
                 "lag_frames": lag,
                 "correlation": None if corr is None else round(corr, 3),
-                "passed": _lip_passed(lag, corr) if judged else None,
+                "passed": lipsync.segment_passed(corrs) if judged else None,
             }
             if judged:
                 pooled_mouth += [_z(mouth), gap]
