@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
 from tasks.artifacts import lecture_key
 from tests.fixtures.prefect_server import BIN, ROOT, start_process, stop_process
@@ -91,12 +92,19 @@ def browser():
         chromium.close()
 
 
-def _shot(page, name: str, tmp: Path) -> None:
-    folder = Path(os.environ.get("LIVEAVATAR_UI_SCREENSHOTS") or tmp)
-    page.screenshot(path=str(folder / name), full_page=True)
+def _shot(page, name: str, tmp: Path, full_page: bool = True) -> None:
+    """A screenshot; into LIVEAVATAR_UI_SCREENSHOTS (for the docs) as a small 64-colour PNG."""
+    folder = os.environ.get("LIVEAVATAR_UI_SCREENSHOTS")
+    path = Path(folder or tmp) / name
+    page.screenshot(path=str(path), full_page=full_page)
+    if folder:
+        from PIL import Image
+
+        Image.open(path).convert("RGB").quantize(64).save(path, optimize=True)
 
 
 def _field(page, label: str):
+    """The input a form label names."""
     return page.get_by_label(label, exact=True)
 
 
@@ -148,9 +156,18 @@ def test_a_lecture_from_the_ui_form_to_the_published_report(ui_line, browser, tm
     assert _api(server, "/flow_runs/filter", {}) == []
 
     _field(page, "Size (Optional)").fill("256x144")
-    refusal.wait_for(state="hidden")  # the form validates as one types; submit once it has
-    page.get_by_role("button", name="Submit").click()
-    page.wait_for_url(re.compile(rf".*/deployments/deployment/{deployment['id']}\?tab=Runs"))
+    # The form validates as one types (debounced); a Submit that still sees the old value is refused
+    # again and creates nothing, so submit until the UI moves on to the deployment's runs.
+    for _ in range(5):
+        page.get_by_role("button", name="Submit").click()
+        try:
+            page.wait_for_url(
+                re.compile(rf".*/deployments/deployment/{deployment['id']}\?tab=Runs"), timeout=8000
+            )
+            break
+        except PlaywrightTimeout:
+            continue
+    assert "tab=Runs" in page.url, page.locator("body").inner_text()[-2000:]
     runs = _api(server, "/flow_runs/filter", {})
     assert len(runs) == 1 and runs[0]["deployment_id"] == deployment["id"]
     run_id = runs[0]["id"]
@@ -192,5 +209,5 @@ def test_a_lecture_from_the_ui_form_to_the_published_report(ui_line, browser, tm
     cuts.first.click()
     cut_at = float(cuts.first.get_attribute("data-t"))
     page.wait_for_function(f"Math.abs(document.getElementById('player').currentTime - {cut_at}) < 0.5")
-    _shot(page, "ui-report.png", tmp_path)
+    _shot(page, "ui-report.png", tmp_path, full_page=False)
     page.close()
