@@ -29,7 +29,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Prefect's servers (the local one too) would send telemetry: nowhere to on closed networks, and it logs errors.
+    # No telemetry from Prefect's servers (the CLI's local one too): closed networks, logged errors.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -363,6 +363,11 @@ def _add_deploy(commands) -> None:
     )
     p.add_argument("--gpu-host", metavar="NAME", help="create the GPU limits of this host (with --gpus)")
     p.add_argument("--gpus", type=int, default=0, metavar="N", help="number of GPUs on --gpu-host")
+    p.add_argument(
+        "--notify-webhook",
+        metavar="URL",
+        help="POST (JSON: run, state, message) to URL when a run of these deployments ends",
+    )
     p.set_defaults(run=_run_deploy)
 
 
@@ -376,6 +381,9 @@ def _run_deploy(args: argparse.Namespace) -> int:
     prefect_file = Path(args.prefect_file).resolve() if args.prefect_file else deploy.PREFECT_FILE
     if not prefect_file.is_file():
         return _fail(EXIT_BAD_INPUT, f"--prefect-file {prefect_file}: no such file")
+    hook = args.notify_webhook
+    if hook and not hook.startswith(("http://", "https://")):
+        return _fail(EXIT_BAD_INPUT, f"--notify-webhook {hook}: not an http(s):// URL")
     try:
         for pool, what in deploy.ensure_pools().items():
             print(f"work pool {pool}: {what}")
@@ -386,8 +394,16 @@ def _run_deploy(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         return _fail(EXIT_FAILED, str(exc))
     with _client() as client:
-        for d in client.read_deployments():
-            print(f"deployment {d.name}: pool {d.work_pool_name}, entrypoint {d.entrypoint}")
+        deployments = client.read_deployments()
+    for d in deployments:
+        print(f"deployment {d.name}: pool {d.work_pool_name}, entrypoint {d.entrypoint}")
+    if hook:
+        from flows.notify import ensure_webhook, host_of
+
+        ours = [f"prefect.deployment.{d.id}" for d in deployments if "liveavatar" in d.tags]
+        related = {"prefect.resource.id": ours}
+        ensure_webhook("liveavatar deployments done", hook, related=related)
+        print(f"automation: the end of every run of these deployments is POSTed to {host_of(hook)}")
     return EXIT_OK
 
 

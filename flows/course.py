@@ -23,13 +23,14 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.context import get_run_context
+from prefect.context import FlowRunContext, get_run_context
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from flows.dispatch import require_server
 from flows.forms import FormModel
 from flows.lecture import WORKER_HOST, LectureParams, choose_engine, lecture_settings, produce_lecture
+from flows.notify import ensure_webhook, host_of
 from liveavatar_core import size as output_size
 from liveavatar_core import storage
 from liveavatar_core.course import Course, LectureSpec, load_course, parse_course
@@ -218,6 +219,14 @@ def _outcome(
     )
 
 
+def notify_when_done(course_id: str, url: str) -> None:
+    """Have the server POST to `url` when this flow run ends (the course's automation, which watched its
+    previous run, now watches this one)."""
+    run_id = FlowRunContext.get().flow_run.id
+    ensure_webhook(f"liveavatar course {course_id} done", url, runs=str(run_id))
+    get_run_logger().info("course %s: the end of this run is POSTed to %s", course_id, host_of(url))
+
+
 @flow(name="produce_course")
 def produce_course(params: CourseParams) -> dict[str, Any]:
     """Produce every lecture of the course not already published; write summary.json; fail if any failed."""
@@ -227,6 +236,8 @@ def produce_course(params: CourseParams) -> dict[str, Any]:
     course = read_course(params.course)
     if params.dispatch == "gpu-workers":
         require_server()
+    if course.notify_webhook:
+        notify_when_done(course.id, course.notify_webhook)
     specs = course.lectures_resolved()
     lectures = [(spec, params.lecture_params(spec)) for spec in specs]
     parallel = params.max_parallel if params.dispatch == "gpu-workers" else 1

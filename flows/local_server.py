@@ -25,6 +25,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from liveavatar_core.errors import LiveAvatarError
+
 IDLE_ENV = "LIVEAVATAR_LOCAL_SERVER_IDLE_S"
 DEFAULT_IDLE_S = 900.0
 STARTUP_TIMEOUT_S = 180.0  # the first start migrates a new database: slow on a small, busy machine
@@ -32,7 +34,8 @@ STATE_FILE = "liveavatar-server.json"
 
 
 def ensure(home: Path, version: str) -> tuple[str, bool]:
-    """The API URL of this home's running local server, started if needed; and whether it was started."""
+    """The API URL of this home's running local server, started if needed; and whether it was started.
+    LiveAvatarError if it does not start."""
     home.mkdir(parents=True, exist_ok=True)
     with _locked(home / "liveavatar-server.lock"):
         state = _read_state(home)
@@ -54,8 +57,9 @@ def ensure(home: Path, version: str) -> tuple[str, bool]:
         while not healthy(url):
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                raise RuntimeError(
-                    f"the local Prefect server did not start; see {home / 'liveavatar-server.log'}"
+                raise LiveAvatarError(
+                    f"the local Prefect server did not start within {STARTUP_TIMEOUT_S:.0f} s; see "
+                    f"{home / 'liveavatar-server.log'}, or set PREFECT_API_URL to a running server"
                 )
             time.sleep(0.2)
         state = {"url": url, "pid": proc.pid, "version": version}

@@ -2,6 +2,7 @@
 
     id: cs101                        # URL-safe: a-z, 0-9, '-', '_'
     output_prefix: s3://videos/cs101 # lecture N is published under {output_prefix}/{lecture id}
+    notify_webhook: https://hooks.example.org/T0/B0  # optional: POSTed to when a course run ends
     defaults: {portrait: lee.jpg, prompt: "...", engine: auto, profile: standard, seed: 0}
     lectures:
       - {id: 01-welcome, audio: audio/01.mp3}
@@ -152,6 +153,8 @@ class Course(_Strict):
     id: Id
     title: str | None = None
     output_prefix: Text
+    # POSTed to (JSON: run, state, message) when a run of this course ends; see flows/notify.py.
+    notify_webhook: Text | None = None
     defaults: Defaults = Defaults()
     lectures: list[Lecture] = Field(min_length=1)
 
@@ -330,8 +333,8 @@ def _explain(error: dict[str, Any]) -> str:
         parent = error["loc"][:-1]
         model = Defaults if parent == ("defaults",) else Lecture if parent[:1] == ("lectures",) else Course
         close = difflib.get_close_matches(str(error["loc"][-1]), list(model.model_fields), n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        return f"unknown field; {hint}expected one of {', '.join(model.model_fields)}"
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown field; expected one of {', '.join(model.model_fields)}{hint}"
     if kind == "missing":
         return "required field is missing"
     if kind == "string_pattern_mismatch":
@@ -346,6 +349,8 @@ def _explain(error: dict[str, Any]) -> str:
 
 def _cross_checks(course: Course) -> list[tuple[Loc, str]]:
     problems: list[tuple[Loc, str]] = []
+    if course.notify_webhook and not re.match(r"https?://[^/\s]+", course.notify_webhook):
+        problems.append((("notify_webhook",), f"{course.notify_webhook!r} is not an http(s):// URL"))
     seen: dict[str, int] = {}
     for index, lecture in enumerate(course.lectures):
         if lecture.id in seen:

@@ -1,7 +1,9 @@
 """Liveness of a segment being generated on a GPU worker, through the work store.
 
-A Prefect task run whose worker process is killed stays "Running" on the server forever: Prefect 3.8
-has no heartbeat for task runs. So while a GPU worker runs a segment it rewrites a small object,
+A Prefect task run whose worker process is killed stays "Running" on the server forever: Prefect (3.9
+too) has heartbeats for flow runs, not task runs, and the GPU slot's lease, which the server does free
+when its holder dies, says nothing about which run it was. So while a GPU worker runs a segment it
+rewrites a small object,
 `{work}/heartbeats/{task_run_id}.json`, every `interval()` seconds. The flow that waits for the
 segment watches that object's beat counter on its own clock (no clock skew between hosts): when it
 stops changing for `stale_after()` seconds the worker is gone and the flow hands the segment to

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,10 @@ IMAGE = ROOT / "examples" / "portrait.jpg"
 
 
 @pytest.fixture
-def home(tmp_path) -> Path:
-    return tmp_path / "prefect-home"
+def home(tmp_path) -> Iterator[Path]:
+    home = tmp_path / "prefect-home"
+    yield home
+    local_server.stop(home)  # one a failing check let start
 
 
 def cli(home: Path, *argv: str, env: dict[str, str] | None = None, timeout: float = 300):
@@ -170,14 +173,11 @@ def test_a_refusal_inside_the_flow_is_the_last_line_and_the_next_command_reuses_
     with Image.open(IMAGE) as img:
         img.resize((img.width // 10, img.height // 10)).save(small)
     env = {local_server.IDLE_ENV: "120"}
-    try:
-        first = produce(home, tmp_path, image=small, env=env)
-        refused(first, "--image", "face")
-        assert "started a local Prefect server" in first.stderr
-        second = produce(home, tmp_path, image=small, env=env)
-        refused(second, "--image", "face")
-        assert "started a local Prefect server" not in second.stderr
-        assert "Beginning flow run" in second.stdout + second.stderr
-    finally:
-        local_server.stop(home)
+    first = produce(home, tmp_path, image=small, env=env)
+    refused(first, "--image", "face")
+    assert "started a local Prefect server" in first.stderr
+    second = produce(home, tmp_path, image=small, env=env)
+    refused(second, "--image", "face")
+    assert "started a local Prefect server" not in second.stderr
+    assert "Beginning flow run" in second.stdout + second.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
