@@ -11,7 +11,7 @@ TORCH_SPEC := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/d
 
 DEMO_OUT ?= out/demo
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,12 @@ demo: $(STAMP)
 		--segment-seconds 10 --max-segment-seconds 15 \
 		--out $(DEMO_OUT)
 
-test: $(STAMP)
+# The UI test (tests/test_ui_browser.py) drives Debian's chromium; Playwright uses it, downloads none.
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+		{ apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -116,7 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engine", default="auto", choices=["auto", "preview", "liveavatar"])
     p.add_argument("--random-weights", action="store_true", help="LiveAvatar with random full-size weights")
     p.add_argument("--checkpoint-dir", help="LiveAvatar checkpoints ($LIVEAVATAR_CHECKPOINT_DIR)")
-    p.add_argument("--size", default=None, help="output HxW (default: the standard profile's 704x384)")
+    p.add_argument(
+        "--size", default=None, help="output WIDTHxHEIGHT (default: the standard profile's 704x384)"
+    )
     p.add_argument("--segment-seconds", type=float, default=None)
     p.add_argument("--max-segment-seconds", type=float, default=None)
     p.add_argument("--simulate-gpu", type=float, default=0.0, metavar="S",

@@ -49,7 +49,7 @@ class CourseFailed(LiveAvatarError):
 
 
 class CourseParams(FormModel):
-    """A course run. Shown as a form in the Prefect UI; `liveavatar-batch course` fills it from flags."""
+    """A course: every lecture of its manifest not yet published with the same inputs and settings."""
 
     course: str = Field(
         title="Course manifest",

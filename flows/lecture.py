@@ -65,7 +65,7 @@ WORKER_HOST = (
 
 
 class LectureParams(FormModel):
-    """One lecture's job. Shown as a form in the Prefect UI; the CLI fills it from its flags."""
+    """One lecture: audio, portrait and prompt in; a checked video, its report and manifest out."""
 
     audio: str = Field(
         title="Lecture audio",
@@ -104,8 +104,8 @@ class LectureParams(FormModel):
         default_factory=lambda: os.environ.get(DISPATCH_ENV, "in-process"),  # type: ignore[arg-type]
         title="Dispatch",
         description="Where segments are generated. gpu-workers: on the long-lived GPU workers "
-        "(`liveavatar-batch worker --gpu N`; on a machine without GPUs, `worker --gpu 0 --engine "
-        "preview`). in-process: inside this flow run (a CPU try-out with the preview engine, or a GPU "
+        "(liveavatar-batch worker --gpu N; on a machine without GPUs, worker --gpu 0 --engine "
+        "preview). in-process: inside this flow run (a CPU try-out with the preview engine, or a GPU "
         "host without GPU workers). The deployment fills in its own default",
     )
     size: str = Field(

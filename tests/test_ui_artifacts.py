@@ -110,3 +110,11 @@ def test_local_files_are_shown_as_paths_on_the_worker(tmp_path):
         "T", {"report.html": link}, {"engine": {"name": "liveavatar"}}, {"checks": []}, True
     )
     assert f"| report.html | `{link}` |" in text and "host of the worker" in text and "DRAFT" not in text
+
+
+def test_a_refused_lecture_says_so_and_names_the_failed_checks():
+    qc = {"checks": [{"name": "loudness", "passed": False}, {"name": "frame_count", "passed": True}]}
+    manifest = {"engine": {"name": "liveavatar", "weights": "checkpoint"}, "settings": {"seed": 4}}
+    text = result_markdown("Week 9", {"report.html": "/w/report.html"}, manifest, qc, False)
+    assert text.startswith("## Week 9: not published")
+    assert "**1 of 2 checks failed:** Loudness." in text and "seed 4" in text

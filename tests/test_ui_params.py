@@ -103,3 +103,24 @@ def test_empty_optional_text_means_unset_and_sizes_normalise():
     assert CourseParams(course="c.yaml", size="").size is None
     with pytest.raises(ValidationError, match="height 721, not a multiple of 16"):
         CourseParams(course="c.yaml", size="1280x721")
+
+
+def test_a_run_with_rules_the_schema_cannot_state_fails_at_start_naming_the_field():
+    from prefect.exceptions import ParameterTypeError
+
+    bad = {**REQUIRED, "size": "700x384", "segment_seconds": 30, "max_segment_seconds": 20}
+    with pytest.raises(ParameterTypeError) as caught:
+        produce_lecture.validate_parameters({"params": bad})  # what a flow run does before any work
+    text = str(caught.value)
+    assert "params.size: Value error, 700x384 has width 700, not a multiple of 16" in text
+    assert "params.max_segment_seconds: Value error, 20 s is shorter than the segment length (30 s)" in text
+
+
+def test_server_accepts_what_the_cli_sends_for_a_course():
+    """`liveavatar-batch course --deployment` sends the whole model, unset fields as null."""
+    sent = CourseParams(course="s3://b/course.yaml").model_dump(mode="json")
+    assert sent["size"] is None and sent["work"] is None
+    schema = _schema(produce_course)
+    assert build_error_obj(validate({"params": sent}, schema))["valid"]
+    bad = build_error_obj(validate({"params": {**sent, "size": "wide"}}, schema))
+    assert not bad["valid"] and bad["errors"][0]["errors"][0]["property"] == "size"
