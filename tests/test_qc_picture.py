@@ -315,13 +315,14 @@ def test_flow_task_checks_per_segment_and_publishes_the_table_artifact(prefect_a
 
     from liveavatar_core.portrait import encode_png
     from tasks.finish import quality_check
-    from tasks.models import AudioPrep, EngineChoice, PortraitPrep, SpeechSpanRecord
+    from tasks.models import AudioPrep, EngineChoice, PortraitPrep, SpeechSpanRecord, StagedFile
     from tasks.qc import picture_artifact
 
     crop = good.parent / "crop.png"
     crop.write_bytes(encode_png(astronaut.image))
+    staged = StagedFile(source=str(speech.wav), url=str(speech.wav), sha256="0")
     prep = AudioPrep(
-        wav_url=str(speech.wav), samples=speech.samples, duration_s=speech.samples / 16_000, sample_rate=16_000,
+        source=staged, wav_url=str(speech.wav), samples=speech.samples, duration_s=speech.samples / 16_000, sample_rate=16_000,
         channels=1, codec="pcm_s16le", loudness_in={}, loudness_out={},
         speech=[SpeechSpanRecord(start_s=s.start_s, end_s=s.end_s) for s in speech.spans],
     )  # fmt: skip

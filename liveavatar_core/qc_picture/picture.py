@@ -414,8 +414,10 @@ def _lip_check(lecture: dict[str, Any] | None, segs: list[dict[str, Any]]) -> QC
         f"{len(failed)} of {len(judged)} measured segments out of sync"
     )
     if failed:
+        detail += " (flagged in the report, not gating)"
         detail += ": " + "; ".join(
             f"segment {s['index']}: lag {s['lip_sync']['lag_frames']}, correlation {s['lip_sync']['correlation']}"
             for s in failed[:5]
         )
-    return QCCheck("lip_sync", lecture["passed"] and not failed, lecture["lag_frames"], limit, detail)
+    # The gate is the lecture's pooled proxy: a 2-3 s window alone is too short to gate on (docs/qc.md).
+    return QCCheck("lip_sync", lecture["passed"], lecture["lag_frames"], limit, detail)
