@@ -497,12 +497,14 @@ def _engine_problem(engine: str, checkpoint_dir: str | None, random_weights: boo
         return None
     import torch
 
-    if not torch.cuda.is_available():
+    checkpoint = checkpoint_dir or os.environ.get("LIVEAVATAR_CHECKPOINT_DIR")
+    # Without a GPU only a checkpoint the user points at can run (the small test models do, on CPU).
+    if not torch.cuda.is_available() and (random_weights or not checkpoint):
         return (
             "--engine liveavatar: this machine has no CUDA GPU, which the 14B LiveAvatar model needs; "
             "use --engine preview for a draft on CPU, or run on a GPU host"
         )
-    if not (random_weights or checkpoint_dir or os.environ.get("LIVEAVATAR_CHECKPOINT_DIR")):
+    if not (random_weights or checkpoint):
         return (
             "--checkpoint-dir: the liveavatar engine needs the official checkpoints (Wan2.2-S2V-14B/ and "
             "LiveAvatar/); give --checkpoint-dir DIR or set $LIVEAVATAR_CHECKPOINT_DIR"

@@ -36,7 +36,7 @@ def run(tmp_path, capsys, *, audio=AUDIO, image=IMAGE, out=None, extra=()):
         "--work",
         str(tmp_path / "work"),
         "--size",
-        "256x144",
+        "144x256",
         *extra,
     ]
     code = main(argv)
@@ -142,7 +142,7 @@ def test_over_long_prompt_is_truncated_with_a_warning_not_an_error(tmp_path, cap
     long_prompt = " ".join(["a lecturer explaining physics in a bright studio, realistic style."] * 120)
     argv = ["produce", "--audio", str(AUDIO), "--image", str(IMAGE), "--prompt", long_prompt]
     argv += ["--out", str(tmp_path / "out"), "--engine", "preview", "--work", str(tmp_path / "work")]
-    argv += ["--size", "256x144", "--segment-seconds", "20", "--max-segment-seconds", "30"]
+    argv += ["--size", "144x256", "--segment-seconds", "20", "--max-segment-seconds", "30"]
     assert main(argv) == 0
     import json
 

@@ -47,7 +47,7 @@ def cli(home: Path, *argv: str, env: dict[str, str] | None = None, timeout: floa
 def produce(home: Path, tmp_path: Path, *extra: str, audio=AUDIO, image=IMAGE, out=None, env=None):
     out = str(out if out is not None else tmp_path / "out")
     argv = ["produce", "--audio", str(audio), "--image", str(image), "--prompt", "a teacher"]
-    argv += ["--out", out, "--engine", "preview", "--size", "256x144", "--work", str(tmp_path / "work")]
+    argv += ["--out", out, "--engine", "preview", "--size", "144x256", "--work", str(tmp_path / "work")]
     return cli(home, *argv, *extra, env=env)
 
 

@@ -16,7 +16,7 @@ import pytest
 from flows.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--size", "256x144", "--segment-seconds", "8", "--max-segment-seconds", "12"]
+SMALL = ["--size", "144x256", "--segment-seconds", "8", "--max-segment-seconds", "12"]
 
 
 def write_course(folder: Path, second_audio: str) -> Path:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AUDIO = ROOT / "examples" / "lecture.mp3"
 IMAGE = ROOT / "examples" / "portrait.jpg"
 PROMPT = "A teacher explains heat in a bright classroom, photographic, soft lighting."
-SMALL = ["--size", "256x144"]
+SMALL = ["--size", "144x256"]
 
 
 @pytest.fixture(autouse=True)

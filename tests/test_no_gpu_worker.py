@@ -19,7 +19,7 @@ def test_a_lecture_with_no_gpu_worker_fails_after_the_bound_and_says_what_to_sta
     env = dict(cli_env, LIVEAVATAR_DISPATCH="gpu-workers", **{WORKER_WAIT_ENV: str(WAIT_S)})
     argv = [sys.executable, "-m", "flows.cli", "produce", "--audio", str(AUDIO), "--image", str(IMAGE)]
     argv += ["--prompt", "a teacher in a studio", "--out", str(tmp_path / "out"), "--engine", "preview"]
-    argv += ["--size", "256x144", "--work", str(tmp_path / "work")]
+    argv += ["--size", "144x256", "--work", str(tmp_path / "work")]
     done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     screen = (done.stdout + done.stderr).strip().splitlines()
     assert done.returncode == 1, done.stderr[-3000:]

@@ -172,7 +172,7 @@ def test_a_lecture_from_the_ui_form_to_the_published_report(ui_line, browser, tm
     assert "/run" in page.url  # refused at submission: no run was created
     assert _runs(server, deployment) == before
 
-    _field(page, "Size (Optional)").fill("256x144")
+    _field(page, "Size (Optional)").fill("144x256")
     # The form validates as one types (debounced); a Submit that still sees the old value is refused
     # again and creates nothing, so submit until the UI moves on to the deployment's runs.
     for _ in range(5):
