@@ -15,6 +15,10 @@ from .common import TRANSIENT_RETRIES
 from .models import AudioPrep, EngineChoice, PortraitPrep, SegmentOutput
 from .prepare import PUBLISHED_TRUE_PEAK_DB, TARGET_LUFS
 
+# Under this many pixels on a side the face detector finds no face even in the portrait's crop (the
+# tiny test models render 64 px wide), so the picture gates are skipped, and qc.json says why.
+MIN_PICTURE_SIDE = 128
+
 
 @task(name="encode-audio-track", **TRANSIENT_RETRIES)
 def encode_audio_track(prep: AudioPrep) -> str:
@@ -69,8 +73,9 @@ def quality_check(
 ) -> dict:
     """Run QC on the assembled lecture; returns the QC report as a dict (passed, failed, checks, picture).
 
-    With the portrait, the picture is checked per segment against it; random weights show no face, so
-    their picture gates are skipped, and qc.json says so.
+    With the portrait, the picture is checked per segment against it; random weights show no face, and
+    a video under MIN_PICTURE_SIDE px on a side is too small to find one, so then the picture gates are
+    skipped, and qc.json says why.
     """
     starts = [sum(segment_frames[:k]) for k in range(len(segment_frames))]
     segments = [(a, a + n) for a, n in zip(starts, segment_frames, strict=True)]
@@ -84,6 +89,10 @@ def quality_check(
         portrait = None
         if face is not None and skip is None:
             portrait = load_rgb(stack.enter_context(storage.local_file(face.url)), "portrait", [])
+            if min(portrait.shape[:2]) < MIN_PICTURE_SIDE:
+                height, width = portrait.shape[:2]
+                skip = f"the video is {width}x{height}: too small for the face checks (a side under {MIN_PICTURE_SIDE} px)"
+                portrait = None
         result = qc.run_qc(
             path,
             expected_frames=sum(segment_frames),

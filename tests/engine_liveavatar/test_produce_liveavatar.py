@@ -20,7 +20,7 @@ def test_a_lecture_is_published_segment_after_segment_through_the_handoff(
     argv = ["produce", "--audio", str(lecture), "--image", str(ROOT / "examples" / "portrait.jpg")]
     argv += ["--prompt", "A lecturer speaks to the camera in a bright office.", "--out", str(out)]
     argv += ["--work", str(tmp_path / "work"), "--engine", "liveavatar"]
-    argv += ["--checkpoint-dir", str(liveavatar_checkpoint), "--size", "128x64"]
+    argv += ["--checkpoint-dir", str(liveavatar_checkpoint), "--size", "64x128"]
     argv += ["--segment-seconds", "3", "--max-segment-seconds", "4"]
     assert main(argv) == 0
 
@@ -45,7 +45,7 @@ def test_precision_fp8_reaches_the_engine_and_the_manifest(
     out = tmp_path / "out"
     argv = ["produce", "--audio", str(make_lecture(2.0)), "--image", str(ROOT / "examples" / "portrait.jpg")]
     argv += ["--prompt", "A lecturer speaks to the camera.", "--out", str(out), "--work", str(tmp_path / "w")]
-    argv += ["--engine", "liveavatar", "--checkpoint-dir", str(liveavatar_checkpoint), "--size", "128x64"]
+    argv += ["--engine", "liveavatar", "--checkpoint-dir", str(liveavatar_checkpoint), "--size", "64x128"]
     argv += ["--precision", "fp8"]
     assert main(argv) == 0
 
