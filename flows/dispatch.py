@@ -25,7 +25,6 @@ alone, else for any worker, and a preferred worker that goes away hands the segm
 
 from __future__ import annotations
 
-import os
 import time
 from uuid import UUID
 
@@ -38,6 +37,7 @@ from prefect.settings import PREFECT_TASKS_REFRESH_CACHE, get_current_settings, 
 from prefect.states import Cancelled, Scheduled, State
 
 from liveavatar_core import storage
+from liveavatar_core.envnum import positive_seconds
 from liveavatar_core.errors import InputError, LiveAvatarError
 from tasks.heartbeat import heartbeat_url, read_beat, stale_after
 from tasks.models import SegmentJob
@@ -74,11 +74,7 @@ def require_server(flag: str = "--dispatch gpu-workers") -> None:
 
 def worker_wait_s() -> float:
     """$LIVEAVATAR_WORKER_WAIT_S: seconds a segment waits with no GPU worker before the lecture fails."""
-    try:
-        value = float(os.environ.get(WORKER_WAIT_ENV, DEFAULT_WORKER_WAIT_S))
-    except ValueError:
-        return DEFAULT_WORKER_WAIT_S
-    return value if value > 0 else DEFAULT_WORKER_WAIT_S
+    return positive_seconds(WORKER_WAIT_ENV, DEFAULT_WORKER_WAIT_S)
 
 
 def worker_task(task, slot: str):

@@ -25,6 +25,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from liveavatar_core.envnum import positive_seconds
 from liveavatar_core.errors import LiveAvatarError
 
 IDLE_ENV = "LIVEAVATAR_LOCAL_SERVER_IDLE_S"
@@ -89,11 +90,7 @@ def stop(home: Path) -> bool:
 
 
 def idle_seconds() -> float:
-    try:
-        value = float(os.environ.get(IDLE_ENV, DEFAULT_IDLE_S))
-    except ValueError:
-        return DEFAULT_IDLE_S
-    return value if value > 0 else DEFAULT_IDLE_S
+    return positive_seconds(IDLE_ENV, DEFAULT_IDLE_S)
 
 
 def _read_state(home: Path) -> dict | None:

@@ -23,6 +23,7 @@ import time
 from types import TracebackType
 
 from liveavatar_core import storage
+from liveavatar_core.envnum import positive_seconds
 
 HEARTBEAT_ENV = "LIVEAVATAR_HEARTBEAT_SECONDS"
 DEFAULT_INTERVAL_S = 10.0
@@ -33,11 +34,7 @@ _log = logging.getLogger(__name__)
 
 def interval() -> float:
     """Seconds between two beats."""
-    try:
-        value = float(os.environ.get(HEARTBEAT_ENV, DEFAULT_INTERVAL_S))
-    except ValueError:
-        return DEFAULT_INTERVAL_S
-    return value if value > 0 else DEFAULT_INTERVAL_S
+    return positive_seconds(HEARTBEAT_ENV, DEFAULT_INTERVAL_S)
 
 
 def stale_after() -> float:
