@@ -7,6 +7,10 @@ rotated) and to 100 other people (scikit-image's LFW subset, 25-px faces enlarge
 Lip sync: on a preview-engine render of the bundled lecture, the proxy's best correlation per 4-s
 window with the window's own sound, and with the sound of every other window (chance level).
 
+Tracking (`identity.CHIP_CHANGE`): how far the upper face moves from the first frame through the same
+render (a talking, swaying face: should stay tracked), for the photo's variants, and for the 100
+other people (should always call for a new descriptor).
+
     .venv/bin/python benchmarks/qc_calibrate.py
 """
 
@@ -37,10 +41,9 @@ def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     )
 
 
-def identity_distances() -> None:
-    ref = identity.portrait_descriptor(load_rgb(ROOT / "examples/portrait.jpg", "portrait", []))
+def _variants() -> dict[str, np.ndarray]:
     ast = sd.astronaut()
-    variants = {
+    return {
         "astronaut PNG": ast,
         "mirrored": ast[:, ::-1].copy(),
         "cropped to face and shoulders": ast[0:300, 80:330].copy(),
@@ -50,25 +53,54 @@ def identity_distances() -> None:
         "gray": cv2.cvtColor(cv2.cvtColor(ast, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB),
         "rotated 8 degrees": cv2.warpAffine(ast, cv2.getRotationMatrix2D((256, 200), 8, 1), (512, 512)),
     }
-    print("same person (distance to examples/portrait.jpg):")
-    for name, img in variants.items():
-        d = identity.portrait_descriptor(img)
-        print(f"  {name:32} {'no face' if d is None else f'{identity.distance(ref, d):.3f}'}")
-    others = []
-    for face in sd.lfw_subset()[:100]:
+
+
+def _others(count: int = 100) -> list[np.ndarray]:
+    """LFW faces found by both detectors, enlarged onto a plain canvas (RGB)."""
+    out = []
+    for face in sd.lfw_subset()[:count]:
         big = cv2.resize((face * 255).astype(np.uint8), (200, 200), interpolation=cv2.INTER_CUBIC)
         canvas = np.full((400, 300), int(np.median(big)), np.uint8)
         canvas[80:280, 50:250] = big
         rgb = cv2.cvtColor(canvas, cv2.COLOR_GRAY2RGB)
-        d = identity.descriptor(rgb)
-        if d is not None and detect_faces(rgb)[0]:
-            others.append(identity.distance(ref, d))
-    o = np.array(others)
+        if identity.find_face(rgb) is not None and detect_faces(rgb)[0]:
+            out.append(rgb)
+    return out
+
+
+def identity_distances() -> None:
+    ref = identity.descriptor(load_rgb(ROOT / "examples/portrait.jpg", "portrait", []))
+    print("same person (distance to examples/portrait.jpg):")
+    for name, img in _variants().items():
+        d = identity.descriptor(img)
+        print(f"  {name:32} {'no face' if d is None else f'{identity.distance(ref, d):.3f}'}")
+    o = np.array([identity.distance(ref, identity.descriptor(rgb)) for rgb in _others()])
     print(f"other people: {len(o)} LFW faces found; min {o.min():.3f}, 5th percentile {np.percentile(o, 5):.3f}, "
           f"median {np.median(o):.3f}")  # fmt: skip
 
 
-def lip_floor() -> None:
+def _chip(image: np.ndarray) -> np.ndarray:
+    gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return identity.face_chip(gray, identity.landmarks(gray, identity.find_face(gray)))
+
+
+def chip_changes(grays: list[np.ndarray]) -> None:
+    ref = _chip(load_rgb(ROOT / "examples/portrait.jpg", "portrait", []))
+    box = identity.find_face(grays[0])
+    first = identity.face_chip(grays[0], identity.landmarks(grays[0], box))
+    talking = np.array([identity.chip_change(first, identity.face_chip(g, identity.landmarks(g, box))) for g in grays])
+    print(f"tracking (CHIP_CHANGE {identity.CHIP_CHANGE}): preview render, {len(grays)} frames against its "
+          f"first: median {np.median(talking):.3f}, 99th percentile {np.percentile(talking, 99):.3f}, "
+          f"max {talking.max():.3f}")  # fmt: skip
+    for name, img in _variants().items():
+        print(f"  {name:32} {identity.chip_change(ref, _chip(img)):.3f}")
+    o = np.array([identity.chip_change(ref, _chip(rgb)) for rgb in _others()])
+    print(f"  other people: {len(o)} LFW faces; min {o.min():.3f}, 5th percentile {np.percentile(o, 5):.3f}, "
+          f"median {np.median(o):.3f}")  # fmt: skip
+
+
+def _preview_render() -> tuple[list[np.ndarray], np.ndarray, int]:
+    """The bundled lecture rendered by the preview engine at 384x704: luma frames, audio, frame count."""
     with tempfile.TemporaryDirectory() as tmp:
         wav = normalize_to_wav(ROOT / "examples/lecture.mp3", Path(tmp) / "speech.wav").path
         audio, _ = sf.read(str(wav), dtype="float32")
@@ -83,10 +115,14 @@ def lip_floor() -> None:
         request = SegmentRequest(audio=audio[: frames * SAMPLES_PER_FRAME], num_frames=frames, portrait=portrait.image,
                                  prompt="", seed=0, config=GenerationConfig(), face_box=portrait.face_box)  # fmt: skip
         PreviewEngine().generate(request, Sink())
+    return grays, audio, frames
+
+
+def lip_floor(grays: list[np.ndarray], audio: np.ndarray, frames: int) -> None:
     box = identity.find_face(grays[0])
     mouth = np.array(
         [
-            lipsync.mouth_opening(lipsync.mouth_patch(g, lipsync.mouth_transform(identity.landmarks(g, box))))
+            lipsync.mouth_opening(lipsync.mouth_patch(g, identity.landmarks(g, box)))
             for g in grays
         ]
     )
@@ -121,4 +157,6 @@ def lip_floor() -> None:
 
 if __name__ == "__main__":
     identity_distances()
-    lip_floor()
+    render = _preview_render()
+    chip_changes(render[0])
+    lip_floor(*render)

@@ -561,12 +561,21 @@ def _validation_line(exc: ValidationError) -> str:
 
 
 class _DropFailureEchoes(logging.Filter):
-    """Prefect logs a failed run's exception (with traceback) at ERROR; the CLI reports it itself."""
+    """Prefect's engine logs a failed run's exception (with traceback) at ERROR; the CLI reports it
+    itself. Only records made by Prefect's own code are dropped: our tasks' errors (a failed QC check)
+    stay on screen, above the one-line error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import prefect
+
+        self.prefect_dir = os.path.dirname(prefect.__file__) + os.sep
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (
             record.levelno >= logging.ERROR
             and record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+            and record.pathname.startswith(self.prefect_dir)
         )
 
 

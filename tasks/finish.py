@@ -10,14 +10,11 @@ from prefect import get_run_logger, task
 
 from liveavatar_core import audio, media, qc, report, storage
 from liveavatar_core.portrait import load_rgb
+from liveavatar_core.qc_picture import MIN_SIDE
 
 from .common import TRANSIENT_RETRIES
 from .models import AudioPrep, EngineChoice, PortraitPrep, SegmentOutput
 from .prepare import PUBLISHED_TRUE_PEAK_DB, TARGET_LUFS
-
-# Under this many pixels on a side the face detector finds no face even in the portrait's crop (the
-# tiny test models render 64 px wide), so the picture gates are skipped, and qc.json says why.
-MIN_PICTURE_SIDE = 128
 
 
 @task(name="encode-audio-track", **TRANSIENT_RETRIES)
@@ -74,7 +71,7 @@ def quality_check(
     """Run QC on the assembled lecture; returns the QC report as a dict (passed, failed, checks, picture).
 
     With the portrait, the picture is checked per segment against it; random weights show no face, and
-    a video under MIN_PICTURE_SIDE px on a side is too small to find one, so then the picture gates are
+    a video under MIN_SIDE px on a side is too small to find one, so then the picture gates are
     skipped, and qc.json says why.
     """
     starts = [sum(segment_frames[:k]) for k in range(len(segment_frames))]
@@ -89,9 +86,9 @@ def quality_check(
         portrait = None
         if face is not None and skip is None:
             portrait = load_rgb(stack.enter_context(storage.local_file(face.url)), "portrait", [])
-            if min(portrait.shape[:2]) < MIN_PICTURE_SIDE:
+            if min(portrait.shape[:2]) < MIN_SIDE:
                 height, width = portrait.shape[:2]
-                skip = f"the video is {width}x{height}: too small for the face checks (a side under {MIN_PICTURE_SIDE} px)"
+                skip = f"the video is {width}x{height}: too small for the face checks (a side under {MIN_SIDE} px)"
                 portrait = None
         result = qc.run_qc(
             path,

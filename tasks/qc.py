@@ -18,6 +18,7 @@ def picture_artifact(qc_report: dict, key: str) -> None:
                 "segment": seg["index"],
                 "start_s": seg["start_s"],
                 "end_s": seg["end_s"],
+                "identity samples": f"{len(ident['samples'])} ({ident['measured']} measured)",
                 "identity median": ident.get("median"),
                 "identity worst": ident.get("worst"),
                 "worst at s": ident.get("worst_at_s"),

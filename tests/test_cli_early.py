@@ -181,3 +181,24 @@ def test_a_refusal_inside_the_flow_is_the_last_line_and_the_next_command_reuses_
     assert "started a local Prefect server" not in second.stderr
     assert "Beginning flow run" in second.stdout + second.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_failed_qc_lines_stay_on_screen_while_prefects_failure_echoes_go():
+    """The console filter drops what Prefect's engine logs at ERROR about a failed run (the CLI prints
+    its own line), never an error our tasks log: "qc identity: FAIL (...)" must reach the screen."""
+    import logging
+
+    import prefect.task_engine
+
+    from flows import cli as cli_module
+    from tasks import finish
+
+    keep = cli_module._DropFailureEchoes()
+
+    def record(name: str, module_file: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.ERROR, module_file, 1, "message", None, None)
+
+    assert keep.filter(record("prefect.task_runs", finish.__file__))
+    assert not keep.filter(record("prefect.task_runs", prefect.task_engine.__file__))
+    assert not keep.filter(record("prefect.flow_runs", prefect.task_engine.__file__))
+    assert keep.filter(record("prefect.server", prefect.task_engine.__file__))  # not a run's echo

@@ -8,6 +8,7 @@ happen: the sound muxed late, another person, a stuck picture, a segment that st
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,10 +22,10 @@ from flows.cli import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, main
 from liveavatar_core.audio import normalize_to_wav
 from liveavatar_core.engines.base import GenerationConfig, SegmentRequest
 from liveavatar_core.engines.preview import PreviewEngine
-from liveavatar_core.media import VideoWriter, assemble
+from liveavatar_core.media import VideoWriter, assemble, ffmpeg_exe
 from liveavatar_core.portrait import Portrait, load_rgb, prepare_portrait
 from liveavatar_core.qc import run_qc, without_images
-from liveavatar_core.qc_picture import lipsync, motion
+from liveavatar_core.qc_picture import MIN_SIDE, lipsync, motion
 from liveavatar_core.timebase import SAMPLES_PER_FRAME
 from liveavatar_core.vad import detect_speech
 
@@ -139,7 +140,9 @@ def test_preview_lecture_passes_every_check_with_lip_sync_at_lag_0(good, speech)
     assert all(abs(s["lag_frames"]) <= 1 and s["passed"] for s in _seg(report, "lip_sync"))
     ident = _seg(report, "identity")
     assert all(i["passed"] and i["faces_missing"] == 0 and i["worst"] < 0.4 for i in ident)
-    assert [len(i["samples"]) for i in ident] == [1, 1, 1]  # the last frame (10-s segments)
+    # Every keyframe (1 s apart) and the last frame; one descriptor per segment, the rest tracked.
+    assert [len(i["samples"]) for i in ident] == [11, 11, 8]
+    assert [i["measured"] for i in ident] == [1, 1, 1]
     assert report.picture["frozen"] == []
     assert [c["at_s"] for c in report.picture["cuts"]] == [10.0, 20.0]
     assert all(c["ratio"] < motion.JUMP_RATIO for c in report.picture["cuts"])
@@ -149,6 +152,16 @@ def test_preview_lecture_passes_every_check_with_lip_sync_at_lag_0(good, speech)
     assert len(images["cuts"]) == 2 and images["cuts"][0]["before"].startswith("data:image/jpeg;base64,")
     assert "images" not in without_images(data)["picture"]
     json.dumps(without_images(data))
+
+
+def test_the_smallest_video_judged_still_shows_its_face(good, speech, tmp_path):
+    # Scaled to MIN_SIDE (128 px) wide, the face is about 60 px: under what dlib's detector finds unaided.
+    small = tmp_path / "small.mp4"
+    scale = ["-vf", f"scale={MIN_SIDE}:-2", "-c:v", "libx264", "-g", "25", "-c:a", "copy"]
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-i", str(good), *scale, str(small)], check=True)
+    report = _qc(small, speech)
+    assert report.check("identity").passed and report.check("lip_sync").passed, report.failures
+    assert all(i["faces_missing"] == 0 for i in _seg(report, "identity"))
 
 
 def test_sound_4_frames_late_fails_lip_sync_with_lag_4(shifted, speech):
@@ -161,14 +174,17 @@ def test_sound_4_frames_late_fails_lip_sync_with_lag_4(shifted, speech):
     assert "lecture lag 4 frames" in check.detail and check.detail.startswith("proxy")
 
 
-def test_another_person_in_the_second_half_fails_identity_in_those_segments(tmp_path, speech, astronaut):
-    # A second real person: a face from scikit-image's LFW subset, enlarged onto a plain canvas.
+def _other_person(folder: Path) -> Portrait:
+    """A second real person: a face from scikit-image's LFW subset, enlarged onto a plain canvas."""
     face = cv2.resize((lfw_subset()[0] * 255).astype(np.uint8), (200, 200), interpolation=cv2.INTER_CUBIC)
     canvas = np.full((400, 300), int(np.median(face)), np.uint8)
     canvas[80:280, 50:250] = face
-    other_path = tmp_path / "other.png"
-    cv2.imwrite(str(other_path), canvas)
-    other = prepare_portrait(other_path, height=HEIGHT, width=WIDTH)
+    cv2.imwrite(str(folder / "other.png"), canvas)
+    return prepare_portrait(folder / "other.png", height=HEIGHT, width=WIDTH)
+
+
+def test_another_person_in_the_second_half_fails_identity_in_those_segments(tmp_path, speech, astronaut):
+    other = _other_person(tmp_path)
     paths = _render(tmp_path, speech, [astronaut, other, other], handoff=False)
     report = _qc(_lecture(paths, speech.wav, tmp_path / "lecture.mp4"), speech)
     check = report.check("identity")
@@ -177,6 +193,19 @@ def test_another_person_in_the_second_half_fails_identity_in_those_segments(tmp_
     assert "segment 1: distance" in check.detail and "segment 0" not in check.detail
     worst = report.picture["images"]["worst"]
     assert worst[0]["segment"] in (1, 2) and worst[0]["distance"] > 0.6
+
+
+def test_a_face_that_changes_inside_a_segment_is_measured_where_it_changes(tmp_path, speech, astronaut):
+    # From 16 s (frame 150 of segment 1) another person is on screen: tracking must notice the change
+    # and measure it, not carry the segment's first measurement on.
+    other = _other_person(tmp_path).image
+    paths = _render(tmp_path, speech, [astronaut] * 3, edits={1: lambda i, f: other if i >= 150 else f})
+    report = _qc(_lecture(paths, speech.wav, tmp_path / "lecture.mp4"), speech)
+    ident = _seg(report, "identity")
+    assert [i["passed"] for i in ident] == [True, False, True]
+    assert ident[1]["measured"] >= 2 and ident[1]["worst"] > 0.6 and ident[1]["worst_at_s"] == 16.0
+    before = [d for t, d, _ in ident[1]["samples"] if t < 16.0]
+    assert before and max(before) < 0.4  # the astronaut's samples before the change stay hers
 
 
 def test_frozen_stretch_during_speech_is_found(tmp_path, speech, astronaut):
@@ -221,7 +250,9 @@ def test_no_face_fails_identity_and_lip_sync(tmp_path, speech, astronaut):
     report = _qc(_faceless(tmp_path, speech, astronaut), speech)
     assert {"identity", "lip_sync"} <= set(report.to_dict()["failed"])
     assert all(i["faces_missing"] == len(i["samples"]) for i in _seg(report, "identity"))
-    assert "no face in 1 of 1 samples" in report.check("identity").detail
+    # Searched on each segment's first keyframe, then again after MEASURE_GAP_S (5 s): 10-s segments.
+    assert "no face in 2 of 2 samples" in report.check("identity").detail
+    assert "no face found" in report.check("identity").detail
 
 
 def test_random_weights_skip_the_picture_gates_and_say_so(tmp_path, speech, astronaut):

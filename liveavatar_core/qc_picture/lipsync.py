@@ -9,11 +9,11 @@ the best Pearson correlation, and that correlation.
 from __future__ import annotations
 
 import av
-import cv2
 import dlib
 import numpy as np
 
 from ..timebase import AUDIO_SAMPLE_RATE, FPS, SAMPLES_PER_FRAME
+from . import identity
 
 MAX_LAG = 10  # frames searched either way
 MAX_ABS_LAG = 1  # gate: the best lag must be within this many frames of 0
@@ -26,34 +26,12 @@ _PATCH = 32  # the mouth patch is _PATCH x _PATCH pixels
 _FLOOR_DB = 40.0  # the envelope is floored this far under the window's loudest frame
 
 
-def mouth_transform(shape: dlib.full_object_detection) -> np.ndarray:
-    """Patch pixels -> image pixels for the mouth region: aligned with the eye line, from the nose base
-    down to the chin, 0.9 eye distances wide."""
-    p = np.array([(shape.part(i).x, shape.part(i).y) for i in range(5)], np.float32)
-    left, right = p[0:2].mean(axis=0), p[2:4].mean(axis=0)
-    if left[0] > right[0]:
-        left, right = right, left
-    across = right - left
-    eyes = float(np.hypot(*across)) or 1.0
-    x = across / eyes
-    y = np.array([-x[1], x[0]], np.float32)  # image y points down, so this points from eyes to chin
+def mouth_patch(gray: np.ndarray, shape: dlib.full_object_detection) -> np.ndarray:
+    """The mouth region as a square patch: aligned with the eye line, from the nose base down to the
+    chin, 0.9 eye distances wide."""
+    p, x, y, eyes = identity.eye_frame(shape)
     origin = p[4] + y * (0.1 * eyes) - x * (0.45 * eyes)
-    step = 0.9 * eyes / _PATCH
-    # Patch pixel (u, v) -> image origin + u * step * x + v * step * y.
-    return np.array(
-        [[x[0] * step, y[0] * step, origin[0]], [x[1] * step, y[1] * step, origin[1]]], np.float32
-    )
-
-
-def mouth_patch(gray: np.ndarray, transform: np.ndarray) -> np.ndarray:
-    """The mouth region as a square patch (see `mouth_transform`)."""
-    return cv2.warpAffine(
-        gray,
-        transform,
-        (_PATCH, _PATCH),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
+    return identity.patch(gray, origin, x, y, 0.9 * eyes / _PATCH, (_PATCH, _PATCH))
 
 
 def mouth_opening(patch: np.ndarray) -> float:
@@ -117,7 +95,7 @@ def correlations(mouth: np.ndarray, envelope: np.ndarray, max_lag: int = MAX_LAG
         m = mouth[max(0, -lag) : len(mouth) - max(0, lag)]
         e = envelope[max(0, lag) : len(envelope) - max(0, -lag)]
         ok = np.isfinite(m) & np.isfinite(e)
-        if ok.sum() < 10 or np.std(m[ok]) == 0 or np.std(e[ok]) == 0:
+        if ok.sum() < 10 or np.ptp(m[ok]) < 1e-6 or np.ptp(e[ok]) < 1e-6:  # a flat series: no correlation
             continue
         out[lag] = float(np.corrcoef(m[ok], e[ok])[0, 1])
     return out

@@ -2,11 +2,14 @@
 
 What is decoded (cost, docs/qc.md): every keyframe (QC decodes those anyway) and, per segment, the
 GOPs that hold its last `LIP_WINDOW_FRAMES` frames at least (the lip-sync window, which also gives
-the frame before the next cut). Identity is sampled on each segment's last frame (where drift has
-gone furthest) and on keyframes every `IDENTITY_EVERY_S` seconds before it; its descriptors are
-computed in one helper process while decoding goes on here (dlib holds the GIL, so a thread would
-not overlap). The landmarks for the mouth every `LANDMARK_EVERY` frames. Everything else works on
-luma, downscaled.
+the frame before the next cut). Identity is sampled on every keyframe (one a second in the line's
+videos) and on each segment's last frame (where drift has gone furthest). A sample is *measured* (a
+descriptor) at the segment's first keyframe, when its upper face changed by over
+`identity.CHIP_CHANGE` since the last measured one, and at least every `IDENTITY_EVERY_S`; else it is
+*tracked* and takes that measurement's distance. Measurements are at most one per `MEASURE_GAP_S`
+(a change inside the gap is measured when the gap ends). Descriptors are computed in one helper
+process while decoding goes on here (dlib holds the GIL, so a thread would not overlap). The
+landmarks for the mouth every `LANDMARK_EVERY` frames. Everything else works on luma, downscaled.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from ..timebase import FPS
 from . import identity, lipsync, motion
 
 LIP_WINDOW_FRAMES = 50  # at least this many frames: from the keyframe at or before end - 50 (2-3 s)
-IDENTITY_EVERY_S = 30.0  # keyframe samples this far apart, besides each segment's last frame (docs/qc.md)
+IDENTITY_EVERY_S = 30.0  # a tracked face is measured again after this long (docs/qc.md)
+MEASURE_GAP_S = 5.0  # measurements (descriptors, face searches) at most this often per segment
 LANDMARK_EVERY = 5  # frames; the mouth patch stays where the last landmarks put it in between
 GOP_GUESS = FPS  # frames per GOP assumed when placing the window (the line's segments use 1 s)
 THUMB_WIDTH = 96
@@ -64,13 +68,15 @@ class _Segment:
     index: int
     start: int
     end: int  # exclusive
-    next_identity: int = 0
-    identity: list[tuple[int, Any]] = field(default_factory=list)  # (index, distance, or its Future)
-    thumbs: dict[int, np.ndarray] = field(default_factory=dict)  # identity samples and cut frames
+    # (index, distance or its Future, measured): tracked samples share their anchor's distance.
+    identity: list[tuple[int, Any, bool]] = field(default_factory=list)
+    anchor: tuple[int, np.ndarray, Any] | None = None  # the last measured face: index, chip, distance
+    measured_at: int | None = None  # index of the last measurement (a face search counts)
+    thumbs: dict[int, np.ndarray] = field(default_factory=dict)  # measured samples and cut frames
     lip_start: int | None = None
     mouth: dict[int, float] = field(default_factory=dict)
     face_box: Any = None
-    mouth_at: Any = None  # the patch transform from the latest landmarks, and their frame index
+    mouth_at: Any = None  # the latest landmarks in the lip window, and their frame index
     searched_at: int = -_DETECT_EVERY
     steps: list[tuple[int, float]] = field(default_factory=list)
     first: np.ndarray | None = None
@@ -99,7 +105,7 @@ class PictureQC:
         self.skip_reason = skip_reason
         self.reference = None
         if skip_reason is None:
-            self.reference = identity.portrait_descriptor(portrait) if portrait is not None else None
+            self.reference = identity.descriptor(portrait) if portrait is not None else None
             if self.reference is None:
                 raise InputError(
                     portrait_name, "no face found by dlib's detector; QC compares the video with it"
@@ -109,10 +115,7 @@ class PictureQC:
         if isinstance(segments, int):
             step = round(STRETCH_S * fps)
             segments = [(a, min(a + step, segments)) for a in range(0, segments, step)]
-        self.segments = [
-            _Segment(i, a, b, next_identity=a + round(IDENTITY_EVERY_S * fps))
-            for i, (a, b) in enumerate(segments)
-        ]
+        self.segments = [_Segment(i, a, b) for i, (a, b) in enumerate(segments)]
         self._starts = [s.start for s in self.segments]
         self._prev: tuple[int, np.ndarray] | None = None
         self._prev_key: tuple[int, np.ndarray] | None = None
@@ -161,15 +164,40 @@ class PictureQC:
         if last:
             seg.last = thumb
             seg.thumbs[index] = _thumb(frame)
-        early = key and index >= seg.next_identity and index < seg.end - IDENTITY_EVERY_S * self.fps / 2
-        if self.reference is not None and (early or last):
-            seg.next_identity = index + round(IDENTITY_EVERY_S * self.fps)
-            # The last frame lies in the lip window, whose face box is known: no second search.
-            rgb = frame.to_ndarray(format="rgb24")
-            seg.identity.append((index, self._distance(rgb, seg.face_box if last else None)))
-            seg.thumbs.setdefault(index, _thumb(frame))
-        if self.reference is not None and index >= seg.window_from and (seg.lip_start is not None or key):
-            self._mouth(seg, index, np.ascontiguousarray(gray))
+        if self.reference is None:
+            return
+        gray = np.ascontiguousarray(gray)
+        if key or last:
+            self._identity(seg, index, frame, gray)
+        if index >= seg.window_from and (seg.lip_start is not None or key):
+            self._mouth(seg, index, gray)
+
+    def _identity(self, seg: _Segment, index: int, frame: av.VideoFrame, gray: np.ndarray) -> None:
+        """One identity sample: tracked from the last measured face, or measured (see the module doc)."""
+        chip = None
+        if seg.face_box is not None:
+            chip = identity.face_chip(gray, identity.landmarks(gray, seg.face_box))
+        anchor = seg.anchor
+        if (
+            anchor is not None
+            and chip is not None
+            and index - anchor[0] < IDENTITY_EVERY_S * self.fps
+            and identity.chip_change(chip, anchor[1]) <= identity.CHIP_CHANGE
+        ):
+            seg.identity.append((index, anchor[2], False))
+            return
+        if seg.measured_at is not None and index - seg.measured_at < MEASURE_GAP_S * self.fps:
+            return  # changed too soon after the last measurement: measured when the gap ends
+        seg.measured_at = index
+        seg.thumbs.setdefault(index, _thumb(frame))
+        seg.face_box = identity.find_face(gray)
+        if seg.face_box is None:
+            seg.anchor = None
+            seg.identity.append((index, None, True))
+            return
+        distance = self._distance(frame.to_ndarray(format="rgb24"), seg.face_box)
+        seg.anchor = (index, identity.face_chip(gray, identity.landmarks(gray, seg.face_box)), distance)
+        seg.identity.append((index, distance, True))
 
     def _mouth(self, seg: _Segment, index: int, gray: np.ndarray) -> None:
         if seg.lip_start is None:
@@ -180,14 +208,16 @@ class PictureQC:
         if seg.face_box is None:
             return
         if seg.mouth_at is None or index - seg.mouth_at[1] >= LANDMARK_EVERY:
-            seg.mouth_at = (lipsync.mouth_transform(identity.landmarks(gray, seg.face_box)), index)
+            seg.mouth_at = (identity.landmarks(gray, seg.face_box), index)
         seg.mouth[index] = lipsync.mouth_opening(lipsync.mouth_patch(gray, seg.mouth_at[0]))
 
     def finish(self, video_path: str) -> tuple[list[QCCheck], dict[str, Any]]:
         """The four picture gates and the qc.json `picture` section (with report images)."""
         try:
             for seg in self.segments:
-                seg.identity = [(i, d.result() if isinstance(d, Future) else d) for i, d in seg.identity]
+                seg.identity = [
+                    (i, d.result() if isinstance(d, Future) else d, measured) for i, d, measured in seg.identity
+                ]
         finally:
             self.close()
         seg_data = [self._segment_data(seg) for seg in self.segments]
@@ -215,9 +245,12 @@ class PictureQC:
 
     def _segment_data(self, seg: _Segment) -> dict[str, Any]:
         fps = self.fps
-        found = [(i, d) for i, d in seg.identity if d is not None]
+        found = [(i, d) for i, d, _ in seg.identity if d is not None]
         ident: dict[str, Any] = {
-            "samples": [[round(i / fps, 2), None if d is None else round(d, 3)] for i, d in seg.identity],
+            "samples": [  # [time s, distance (None: no face), measured (else tracked)]
+                [round(i / fps, 2), None if d is None else round(d, 3), measured] for i, d, measured in seg.identity
+            ],
+            "measured": sum(measured for _, _, measured in seg.identity),
             "faces_missing": len(seg.identity) - len(found),
         }
         if found:
@@ -330,7 +363,7 @@ class PictureQC:
             before, after = by_index.get(seg_after.start - 1), by_index.get(seg_after.start)
             if before is not None and after is not None:
                 cut_images.append({"at_s": cut["at_s"], "before": _jpeg(before), "after": _jpeg(after)})
-        samples = [(d, i, seg.index) for seg in self.segments for i, d in seg.identity if i in seg.thumbs]
+        samples = [(d, i, seg.index) for seg in self.segments for i, d, measured in seg.identity if measured]
         worst = sorted(samples, key=lambda s: -(s[0] if s[0] is not None else np.inf))[:WORST_PICTURES]
         worst_images = [
             {"at_s": round(i / self.fps, 2), "segment": k, "distance": None if d is None else round(d, 3),
@@ -381,7 +414,7 @@ def _lip_passed(lag: int | None, corr: float | None) -> bool:
 
 def _identity_check(segs: list[dict[str, Any]]) -> QCCheck:
     failed = [s for s in segs if not s["identity"]["passed"]]
-    worst = max((s["identity"].get("worst", 0.0) for s in segs), default=None)
+    worst = max((s["identity"]["worst"] for s in segs if "worst" in s["identity"]), default=None)
     parts = []
     for s in failed[:5]:
         ident = s["identity"]
@@ -394,7 +427,8 @@ def _identity_check(segs: list[dict[str, Any]]) -> QCCheck:
                 f"segment {s['index']}: no face in {ident['faces_missing']} of {len(ident['samples'])} samples"
             )
     samples = sum(len(s["identity"]["samples"]) for s in segs)
-    detail = f"{len(failed)} of {len(segs)} segments are not the portrait's person ({samples} samples, worst distance {worst})"
+    worst_text = "no face found" if worst is None else f"worst distance {worst}"
+    detail = f"{len(failed)} of {len(segs)} segments are not the portrait's person ({samples} samples, {worst_text})"
     if parts:
         detail += ": " + "; ".join(parts)
     return QCCheck("identity", not failed and bool(segs), worst, identity.THRESHOLD, detail)
