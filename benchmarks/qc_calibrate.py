@@ -88,7 +88,9 @@ def chip_changes(grays: list[np.ndarray]) -> None:
     ref = _chip(load_rgb(ROOT / "examples/portrait.jpg", "portrait", []))
     box = identity.find_face(grays[0])
     first = identity.face_chip(grays[0], identity.landmarks(grays[0], box))
-    talking = np.array([identity.chip_change(first, identity.face_chip(g, identity.landmarks(g, box))) for g in grays])
+    talking = np.array(
+        [identity.chip_change(first, identity.face_chip(g, identity.landmarks(g, box))) for g in grays]
+    )
     print(f"tracking (CHIP_CHANGE {identity.CHIP_CHANGE}): preview render, {len(grays)} frames against its "
           f"first: median {np.median(talking):.3f}, 99th percentile {np.percentile(talking, 99):.3f}, "
           f"max {talking.max():.3f}")  # fmt: skip
@@ -121,10 +123,7 @@ def _preview_render() -> tuple[list[np.ndarray], np.ndarray, int]:
 def lip_floor(grays: list[np.ndarray], audio: np.ndarray, frames: int) -> None:
     box = identity.find_face(grays[0])
     mouth = np.array(
-        [
-            lipsync.mouth_opening(lipsync.mouth_patch(g, identity.landmarks(g, box)))
-            for g in grays
-        ]
+        [lipsync.mouth_opening(lipsync.mouth_patch(g, identity.landmarks(g, box))) for g in grays]
     )
     env = lipsync.envelope_db(audio, frames)
     starts = range(0, frames - WINDOW + 1, WINDOW)

@@ -216,7 +216,8 @@ class PictureQC:
         try:
             for seg in self.segments:
                 seg.identity = [
-                    (i, d.result() if isinstance(d, Future) else d, measured) for i, d, measured in seg.identity
+                    (i, d.result() if isinstance(d, Future) else d, measured)
+                    for i, d, measured in seg.identity
                 ]
         finally:
             self.close()
@@ -248,7 +249,8 @@ class PictureQC:
         found = [(i, d) for i, d, _ in seg.identity if d is not None]
         ident: dict[str, Any] = {
             "samples": [  # [time s, distance (None: no face), measured (else tracked)]
-                [round(i / fps, 2), None if d is None else round(d, 3), measured] for i, d, measured in seg.identity
+                [round(i / fps, 2), None if d is None else round(d, 3), measured]
+                for i, d, measured in seg.identity
             ],
             "measured": sum(measured for _, _, measured in seg.identity),
             "faces_missing": len(seg.identity) - len(found),
