@@ -150,7 +150,7 @@ def run_stages(audio: str, work: str, out: str, size: str) -> dict:
     with stage("publish"):
         publish.fn(out, video, json.dumps(qc), html, json.dumps({"bench": True}))
     memory.stop()
-    return {"rows": rows, "segments": len(plan), "duration_s": prep.duration_s, "qc_passed": qc["passed"]}
+    return {"rows": rows, "segments": len(plan), "duration_s": prep.duration_s, "qc_failed": qc["failed"]}
 
 
 def main() -> None:
@@ -158,6 +158,9 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, nargs="+", default=[10, 60])
     parser.add_argument("--size", default="704x384")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--keep", type=Path, help="publish each lecture to KEEP/<minutes>min (video, qc.json, report)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"machine": machine(), "runs": {}}
@@ -165,9 +168,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             audio = make_lecture(minutes, tmp / "lecture.mp3")
-            results["runs"][f"{minutes:g}"] = run_stages(
-                str(audio), str(tmp / "work"), str(tmp / "out"), args.size
-            )
+            out = args.keep / f"{minutes:g}min" if args.keep else tmp / "out"
+            results["runs"][f"{minutes:g}"] = run_stages(str(audio), str(tmp / "work"), str(out), args.size)
     (args.out / "stages.json").write_text(json.dumps(results, indent=2))
     print(table(results))
 
