@@ -28,12 +28,12 @@ from prefect import flow
 
 from flows.lecture import LectureParams, choose_engine
 from liveavatar_core import media
-from liveavatar_core.engines import GenerationConfig
 from liveavatar_core.keys import segment_key
 from tasks.finish import assemble, encode_audio_track, probe_output, publish, quality_check, render_report
 from tasks.generate import generate_segment
 from tasks.models import SegmentJob
 from tasks.prepare import plan_segments, prepare_audio, prepare_portrait, prepare_prompt
+from tasks.size import choose_size
 from tasks.stage import check_destination, stage_input
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,10 +108,10 @@ def run_stages(audio: str, work: str, out: str, size: str) -> dict:
     with stage("segment plan + audio slices"):
         plan = plan_segments.fn(prep, params.segment_seconds, params.max_segment_seconds)
     with stage("portrait"):
-        face = prepare_portrait.fn(image_in, params.height, params.width, work)
+        config = choose_size.fn(image_in, params.size, params.precision)
+        face = prepare_portrait.fn(image_in, config.height, config.width, work)
     with stage("prompt"):
         text = prepare_prompt.fn(params.prompt, engine)
-    config = GenerationConfig(height=params.height, width=params.width)
     outputs, previous = [], None
     # As in the flow, the AAC track is encoded while segments are generated (off the critical path).
     track: dict[str, object] = {}
