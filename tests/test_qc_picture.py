@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import cv2
@@ -380,3 +381,20 @@ def test_flow_task_checks_per_segment_and_publishes_the_table_artifact(prefect_a
     rows = json.loads(artifact.data)
     assert [r["segment"] for r in rows] == [0, 1, 2] and all(r["lip sync"] for r in rows)
     assert rows[0]["lip-sync proxy lag"] in (-1, 0, 1) and artifact.type == "table"
+
+
+def test_a_mouth_that_moves_in_a_still_frame_is_not_frozen(astronaut):
+    # Only a mouth-sized patch changes (30x12 px of a 384x704 frame, by 60 levels): the mean step of the
+    # thumbnails stays under 0.2 levels, which a mean-based rule took for a frozen picture.
+    gray = cv2.cvtColor(astronaut.image, cv2.COLOR_RGB2GRAY)
+    frames = []
+    for i in range(40):
+        frame = gray.copy()
+        mouth = frame[250:262, 340:370].astype(int)
+        frame[250:262, 340:370] = np.clip(mouth + (60 if i % 2 else -60), 0, 255)
+        frames.append(motion.small(frame))
+    steps = [(i, motion.largest_change(a, b)) for i, (a, b) in enumerate(pairwise(frames), start=1)]
+    assert max(motion.difference(a, b) for a, b in pairwise(frames)) < 0.2
+    assert motion.frozen_runs(steps) == []
+    still = [(i, motion.largest_change(frames[0], frames[0])) for i in range(1, 40)]
+    assert motion.frozen_runs(still) == [(0, 39)]

@@ -1,7 +1,9 @@
 """Motion sanity: frozen picture while someone speaks, and abrupt jumps where segments meet.
 
-Frames are compared as small luma thumbnails (`SMALL_WIDTH` pixels wide, area-averaged), by the mean
-absolute difference in 8-bit levels.
+Frames are compared as small luma thumbnails (`SMALL_WIDTH` pixels wide, area-averaged), in 8-bit
+levels: by the mean absolute difference (how much the picture changed: jumps) and by the largest
+(whether anything moved at all: a talking face changes only a few thumbnail pixels, a frozen picture
+none; docs/qc.md has the measurements behind `FROZEN_MAX_DIFF`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import cv2
 import numpy as np
 
 SMALL_WIDTH = 64
-FROZEN_DIFF = 0.2  # levels: frames closer than this are the same picture (docs/qc.md)
+FROZEN_MAX_DIFF = 1.5  # levels: frames where no thumbnail pixel moved more are the same picture
 FROZEN_MIN_FRAMES = 13  # a run of identical frames this long (0.5 s) during speech is frozen
 JUMP_RATIO = 4.0  # a cut whose difference is this many times the segment's median step is a jump
 _MIN_STEP = 0.5  # levels: the median step is at least this (a still segment would make any cut a jump)
@@ -26,21 +28,25 @@ def difference(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.abs(a - b)))
 
 
+def largest_change(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a - b)))
+
+
 def frozen_runs(steps: list[tuple[int, float]], min_frames: int = FROZEN_MIN_FRAMES) -> list[tuple[int, int]]:
     """(first, last) frame index of every run of at least `min_frames` identical frames.
 
-    `steps` holds (index, difference from frame index - 1), ascending, for frames whose predecessor
-    was decoded too.
+    `steps` holds (index, largest change from frame index - 1), ascending, for frames whose
+    predecessor was decoded too.
     """
     runs: list[tuple[int, int]] = []
     run: list[int] | None = None
     for index, diff in steps:
-        if diff < FROZEN_DIFF and run is not None and run[1] == index - 1:
+        if diff <= FROZEN_MAX_DIFF and run is not None and run[1] == index - 1:
             run[1] = index
             continue
         if run is not None and run[1] - run[0] + 1 >= min_frames:
             runs.append((run[0], run[1]))
-        run = [index - 1, index] if diff < FROZEN_DIFF else None
+        run = [index - 1, index] if diff <= FROZEN_MAX_DIFF else None
     if run is not None and run[1] - run[0] + 1 >= min_frames:
         runs.append((run[0], run[1]))
     return runs

@@ -78,7 +78,7 @@ class _Segment:
     face_box: Any = None
     mouth_at: Any = None  # the latest landmarks in the lip window, and their frame index
     searched_at: int = -_DETECT_EVERY
-    steps: list[tuple[int, float]] = field(default_factory=list)
+    steps: list[tuple[int, float, float]] = field(default_factory=list)  # index, mean, largest change
     first: np.ndarray | None = None
     last: np.ndarray | None = None
 
@@ -150,11 +150,12 @@ class PictureQC:
             return
         thumb = motion.small(gray)
         if self._prev is not None and self._prev[0] == index - 1:
-            seg.steps.append((index, motion.difference(self._prev[1], thumb)))
+            prev = self._prev[1]
+            seg.steps.append((index, motion.difference(prev, thumb), motion.largest_change(prev, thumb)))
         self._prev = (index, thumb)
         if key:
             if self._prev_key is not None and index - self._prev_key[0] <= 2 * self.fps:
-                if motion.difference(self._prev_key[1], thumb) < motion.FROZEN_DIFF:
+                if motion.largest_change(self._prev_key[1], thumb) <= motion.FROZEN_MAX_DIFF:
                     self._key_freezes.append((self._prev_key[0], index))
             self._prev_key = (index, thumb)
         if index == seg.start:
@@ -232,7 +233,7 @@ class PictureQC:
                 "identity_distance": identity.THRESHOLD,
                 "lip_sync_max_abs_lag": lipsync.MAX_ABS_LAG,
                 "lip_sync_min_correlation": lipsync.MIN_CORRELATION,
-                "frozen_diff": motion.FROZEN_DIFF,
+                "frozen_max_diff": motion.FROZEN_MAX_DIFF,
                 "frozen_min_frames": motion.FROZEN_MIN_FRAMES,
                 "jump_ratio": motion.JUMP_RATIO,
             },
@@ -315,7 +316,7 @@ class PictureQC:
         }
 
     def _frozen(self) -> list[dict[str, Any]]:
-        runs = [r for seg in self.segments for r in motion.frozen_runs(seg.steps)]
+        runs = [r for seg in self.segments for r in motion.frozen_runs([(i, m) for i, _, m in seg.steps])]
         runs = [
             r
             for r in runs
@@ -346,7 +347,7 @@ class PictureQC:
             cut: dict[str, Any] = {"after_segment": before.index, "at_s": round(after.start / self.fps, 3)}
             if before.last is not None and after.first is not None:
                 across = motion.difference(before.last, after.first)
-                steps = [d for _, d in before.steps]
+                steps = [d for _, d, _ in before.steps]
                 cut |= {
                     "difference": round(across, 2),
                     "median_step": round(float(np.median(steps)), 2) if steps else None,
