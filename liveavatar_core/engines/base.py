@@ -41,6 +41,8 @@ class GenerationConfig:
     compile: run with compiled kernels (rounding-level differences); None lets the engine choose.
     order: the denoising order, "block" (block after block) or "sweep" (step-major, layer-major: the
     same pictures; with offload_weights each layer's weights cross to the device once per step sweep).
+    sweep_blocks: blocks per group in sweep order: more amortise streamed weights and offloaded rings
+    over more blocks, fewer hold less device state (one block's hidden state per block of a group).
     """
 
     height: int = 704
@@ -52,6 +54,7 @@ class GenerationConfig:
     offload_weights: bool = False
     compile: bool | None = None
     order: Literal["block", "sweep"] = "block"
+    sweep_blocks: int = 64  # 64 blocks: 30.7 s of video, a whole default segment
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return dataclasses.replace(self, **changes)
@@ -146,8 +149,9 @@ class Engine(ABC):
         return GenerationConfig()
 
     @abstractmethod
-    def estimate_memory(self, config: GenerationConfig) -> int:
-        """Peak bytes one segment takes on the engine's device with this config."""
+    def estimate_memory(self, config: GenerationConfig, num_frames: int | None = None) -> int:
+        """Peak bytes one segment takes on the engine's device with this config: a segment of
+        `num_frames`, or (None) the most any segment length can take."""
 
     @abstractmethod
     def ladder(self, config: GenerationConfig) -> list[Rung]:
@@ -156,7 +160,7 @@ class Engine(ABC):
     def generate(self, request: SegmentRequest, sink: FrameSink) -> SegmentResult:
         """Check the request, refuse it up front if its estimate is over budget, then run it."""
         request.check()
-        estimate = self.estimate_memory(request.config)
+        estimate = self.estimate_memory(request.config, request.num_frames)
         budget = request.memory_budget_bytes
         if budget is not None and estimate > budget:
             raise OutOfMemory(

@@ -36,8 +36,9 @@ class PreviewEngine(Engine):
     def default_config(self) -> GenerationConfig:
         return GenerationConfig()
 
-    def estimate_memory(self, config: GenerationConfig) -> int:
-        """Bytes of the buffers `_generate` holds at its peak (host memory; the preview has no GPU)."""
+    def estimate_memory(self, config: GenerationConfig, num_frames: int | None = None) -> int:
+        """Bytes of the buffers `_generate` holds at its peak (host memory; the preview has no GPU),
+        whatever the segment's length."""
         pixels = config.height * config.width
         frame_chunk = CHUNK_FRAMES * pixels * 3  # uint8 [25, H, W, 3] output chunk
         frames = 3 * pixels * 3  # the resized portrait, the jaw-opened frame and its mouth layer, uint8

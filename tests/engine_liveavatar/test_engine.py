@@ -395,12 +395,29 @@ def test_memory_estimate_at_full_size_shrinks_down_the_ladder():
     assert 30e9 < parts["dit_weights"] < 36e9  # ~16.3 B parameters in bf16 (+ float32 modules)
     fp8 = estimate_memory(config.replace(fp8=True), DiTConfig(), sizes).parts
     assert 15e9 < fp8["dit_weights"] < 20e9
+    # The rings' rung sweeps groups of 16 blocks; the weights' rung groups of 64, whose state a short
+    # segment never holds: given the segment's blocks, the estimate counts only those.
+    rings, weights = (
+        next(r.config for r in useful if r.name == n) for n in ("kv-cache-offload", "weight-offload")
+    )
+    assert (rings.order, rings.sweep_blocks, weights.order, weights.sweep_blocks) == (
+        "sweep",
+        16,
+        "sweep",
+        64,
+    )
+    state = estimate_memory(weights, DiTConfig(), sizes).parts["sweep_state"]
+    assert estimate_memory(weights, DiTConfig(), sizes, blocks=8).parts["sweep_state"] == state // 8
+    assert estimate_memory(weights, DiTConfig(), sizes, blocks=200).parts["sweep_state"] == state
 
 
 def test_engine_estimate_matches_its_loaded_models(engine):
     parts = engine.memory_parts(SIZE)
     assert parts["dit_weights"] == sum(p.numel() * p.element_size() for p in engine.parts.dit.parameters())
     assert engine.estimate_memory(SIZE) == sum(parts.values())
+    sweep = SIZE.replace(order="sweep", sweep_blocks=8)
+    # 13 frames are 2 blocks of 12 frames: a quarter of the 8-block group's hidden state.
+    assert engine.memory_parts(sweep, 13)["sweep_state"] * 4 == engine.memory_parts(sweep)["sweep_state"]
 
 
 def test_token_counter_reads_the_checkpoint_tokenizer(liveavatar_checkpoint):  # noqa: F811

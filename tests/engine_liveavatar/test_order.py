@@ -12,7 +12,6 @@ import torch
 from liveavatar_core.engines.liveavatar.config import DiTConfig
 from liveavatar_core.engines.liveavatar.handoff import Handoff
 from liveavatar_core.engines.liveavatar.order import SweepOrder, sweep_state_bytes
-from liveavatar_core.engines.liveavatar.pipeline import StreamSettings
 from liveavatar_core.timebase import SAMPLES_PER_FRAME
 
 from .test_engine import SIZE, engine, local_features, request, run, speech  # noqa: F401
@@ -77,13 +76,12 @@ def test_sweep_order_equals_block_order_over_three_clips(engine, local_features,
     assert Handoff.from_bytes(sweep_result.handoff).sink_latent is not None
 
 
-def test_small_sweep_groups_give_the_same_latents(engine, local_features, latents, monkeypatch):  # noqa: F811
+def test_small_sweep_groups_give_the_same_latents(engine, local_features, latents):  # noqa: F811
     audio = speech(144, seed=12)
     run(engine, request(audio))
     block_latents = list(latents)
     latents.clear()
-    monkeypatch.setattr(engine, "settings", StreamSettings(sweep_blocks=5))
-    run(engine, request(audio, config=SIZE.replace(order="sweep")))
+    run(engine, request(audio, config=SIZE.replace(order="sweep", sweep_blocks=5)))
     assert latent_diff(latents, block_latents) <= 1e-5
 
 

@@ -77,6 +77,7 @@ from .pipeline import (
 from .ring import WindowRing, ring_capacity_frames
 from .rungs import SIDE_MULTIPLE, degrade_ladder, first_fitting
 from .text_encoder import TEXT_LEN
+from .vae import TEMPORAL_STRIDE
 from .vae_decode import DIFFUSERS as DIFFUSERS_DECODE
 from .vae_decode import FAST as FAST_DECODE
 
@@ -160,16 +161,17 @@ class LiveAvatarEngine(Engine):
     def default_config(self) -> GenerationConfig:
         return GenerationConfig()
 
-    def estimate_memory(self, config: GenerationConfig) -> int:
-        return estimate_memory(
-            config, self.dit_config, self.sizes, self.dtype, self.settings.sweep_blocks
-        ).total
+    def estimate_memory(self, config: GenerationConfig, num_frames: int | None = None) -> int:
+        return sum(self.memory_parts(config, num_frames).values())
 
-    def memory_parts(self, config: GenerationConfig) -> dict[str, int]:
+    def memory_parts(self, config: GenerationConfig, num_frames: int | None = None) -> dict[str, int]:
         """The estimate by part (for reports and the benchmark)."""
-        return estimate_memory(
-            config, self.dit_config, self.sizes, self.dtype, self.settings.sweep_blocks
-        ).parts
+        blocks = None if num_frames is None else self._blocks(num_frames)
+        return estimate_memory(config, self.dit_config, self.sizes, self.dtype, blocks).parts
+
+    def _blocks(self, num_frames: int) -> int:
+        """Blocks a segment of `num_frames` denoises (a block: 3 latent frames, 12 video frames)."""
+        return -(-num_frames // (self.dit_config.block_frames * TEMPORAL_STRIDE))
 
     def ladder(self, config: GenerationConfig) -> list[Rung]:
         return degrade_ladder(
@@ -221,7 +223,7 @@ class LiveAvatarEngine(Engine):
     def _generate(self, request: SegmentRequest, sink: FrameSink) -> SegmentResult:
         config = request.config
         self._check_config(config)
-        estimate = self.estimate_memory(config)
+        estimate = self.estimate_memory(config, request.num_frames)
         # The budget is a limit, not a number: the allocator is capped at it for this segment.
         capacity = self.budget(request.memory_budget_bytes)
         limited = request.memory_budget_bytes is not None or self.memory_budget_bytes is not None
@@ -263,8 +265,8 @@ class LiveAvatarEngine(Engine):
         if handoff is None:
             portrait = self._portrait(request.portrait, config, timings)
         caches, continuation = self._caches(config, h, w, handoff, replay)
-        blocks = -(-request.num_frames // (dit.config.block_frames * 4))
-        order = make_order(config.order, self.settings.sweep_blocks)
+        blocks = self._blocks(request.num_frames)
+        order = make_order(config.order, config.sweep_blocks)
         features = self._features(request, handoff, blocks * dit.config.block_frames * 4, config)
         run = SegmentRun(
             self.parts,

@@ -125,10 +125,10 @@ def estimate_memory(
     dit: DiTConfig,
     sizes: ModelSizes,
     dtype: torch.dtype = torch.bfloat16,
-    sweep_blocks: int = 64,
+    blocks: int | None = None,
 ) -> MemoryEstimate:
-    """Peak device bytes of one segment generated with `config` (see the module docstring); in sweep
-    order, with groups of at most `sweep_blocks` blocks."""
+    """Peak device bytes of one segment of `blocks` blocks (None: any length) generated with `config`
+    (see the module docstring); in sweep order, groups hold at most `config.sweep_blocks` blocks."""
     b = dtype.itemsize
     h, w = config.height // 8, config.width // 8
     fsl = dit.tokens_per_frame(h, w)
@@ -152,7 +152,8 @@ def estimate_memory(
     else:
         parts["kv_rings"] = config.steps * ring_tokens * per_token
     if config.order == "sweep":  # every block's hidden state between layers (a longest group)
-        parts["sweep_state"] = sweep_state_bytes(dit, h, w, sweep_blocks, b)
+        group = config.sweep_blocks if blocks is None else min(config.sweep_blocks, blocks)
+        parts["sweep_state"] = sweep_state_bytes(dit, h, w, group, b)
     parts["vae_decoder_cache"] = _decoder_state_nbytes(config.height, config.width, dtype, sizes.vae_base_dim)
     parts["transient"] = max(
         block_activation_bytes(dit, fsl, cond_tokens, b),

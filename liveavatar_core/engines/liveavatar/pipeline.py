@@ -51,7 +51,6 @@ class StreamSettings:
     rolling_sink: bool = True  # from clip 1 on the sink is the first generated latent (reference TPP)
     audio_context_seconds: float = 5.0  # audio carried to the next segment as wav2vec2 left context
     decoder_prime_latents: int = 7  # motion latents the decoder sees before the first block (reference TPP)
-    sweep_blocks: int = 64  # blocks per sweep group in sweep order (64 blocks: 30.7 s of video)
 
     def latent_frames_per_clip(self) -> int:
         return self.frames_per_clip // TEMPORAL_STRIDE
