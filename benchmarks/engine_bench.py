@@ -142,6 +142,7 @@ class Row:
     cold_first_clip_seconds: float = 0.0
     cold_timings: dict | None = None
     continue_overhead_seconds: float = 0.0
+    continuation: str = ""  # how the continued segment started: "kept state" or "replay"
     peak_gib: float = 0.0
     estimate_gib: float = 0.0
     estimate_error: float = 0.0  # (estimate - measured) / measured
@@ -174,8 +175,9 @@ def bench(
         timed, attempt = run(clips * FRAMES_PER_CLIP, 2, last)
         taken = GenerationConfig.from_dict(attempt.config)
         row.rung = attempt.rung
-        row.estimate_gib = engine.estimate_memory(taken) / GiB
-        row.estimate_parts_gib = {k: round(v / GiB, 3) for k, v in engine.memory_parts(taken).items()}
+        frames = clips * FRAMES_PER_CLIP
+        row.estimate_gib = engine.estimate_memory(taken, frames) / GiB
+        row.estimate_parts_gib = {k: round(v / GiB, 3) for k, v in engine.memory_parts(taken, frames).items()}
         t = timed.details["timings"]
         row.seconds_per_clip = timed.seconds / clips
         row.fps = clips * FRAMES_PER_CLIP / timed.seconds
@@ -188,6 +190,7 @@ def bench(
         if continued_segment:
             continued, _ = run(FRAMES_PER_CLIP, 2, CountingSink(), timed.handoff)
             row.continue_overhead_seconds = continued.details["timings"]["prepare"]
+            row.continuation = continued.details["continuation"]
             row.peak_gib = max(row.peak_gib, continued.peak_memory_bytes / GiB)
         if row.peak_gib:
             row.estimate_error = (row.estimate_gib - row.peak_gib) / row.peak_gib
@@ -370,9 +373,9 @@ def markdown(rows: list[Row], device: str, checks: list[dict] | None) -> str:
         "(audio features, DiT and VAE decode included; each also shown alone).",
         "",
         "| weights | cap GiB | area | precision | chains | rung | load s | load peak GiB | s / clip | FPS "
-        "| DiT s / clip | VAE s / clip | cold 1st clip s | continue overhead s | peak GiB | estimate GiB "
-        "| estimate error | max diff vs eager |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| DiT s / clip | VAE s / clip | cold 1st clip s | continue overhead s | continuation | peak GiB "
+        "| estimate GiB | estimate error | max diff vs eager |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         head = (
@@ -380,12 +383,12 @@ def markdown(rows: list[Row], device: str, checks: list[dict] | None) -> str:
             f"| {r.chains} | {r.rung} | {r.load_seconds:.0f} | {r.load_peak_gib:.1f} "
         )
         if r.status != "ok":
-            lines.append(head + f"| {r.status} |  |  |  |  |  |  |  |  |  |")
+            lines.append(head + f"| {r.status} |  |  |  |  |  |  |  |  |  |  |")
             continue
         lines.append(
             head + f"| {r.seconds_per_clip:.2f} | {r.fps:.1f} | {r.dit_seconds_per_clip:.2f} "
             f"| {r.vae_seconds_per_clip:.2f} | {r.cold_first_clip_seconds:.1f} "
-            f"| {r.continue_overhead_seconds:.2f} | {r.peak_gib:.1f} | {r.estimate_gib:.1f} "
+            f"| {r.continue_overhead_seconds:.2f} | {r.continuation} | {r.peak_gib:.1f} | {r.estimate_gib:.1f} "
             f"| {100 * r.estimate_error:+.1f}% "
             f"| {'' if r.max_diff_vs_eager is None else r.max_diff_vs_eager} |"
         )
