@@ -165,6 +165,25 @@ def test_the_smallest_video_judged_still_shows_its_face(good, speech, tmp_path):
     assert all(i["faces_missing"] == 0 for i in _seg(report, "identity"))
 
 
+def test_one_segment_out_of_sync_fails_lip_sync_and_is_named(good_segments, speech):
+    # Only segment 1's sound is 6 frames late; the lecture pooled over all windows can still look fine.
+    audio, sr = sf.read(str(speech.wav), dtype="float32")
+    late, (a, b) = 6 * SAMPLES_PER_FRAME, speech.segments[1]
+    part = audio[a * SAMPLES_PER_FRAME : b * SAMPLES_PER_FRAME].copy()
+    audio[a * SAMPLES_PER_FRAME : b * SAMPLES_PER_FRAME] = np.concatenate(
+        [np.zeros(late, np.float32), part[:-late]]
+    )
+    wav = good_segments[0].parent / "one_late.wav"
+    sf.write(str(wav), audio, sr, subtype="PCM_16")
+    report = _qc(_lecture(good_segments, wav, good_segments[0].parent / "one_late.mp4"), speech)
+    assert report.to_dict()["failed"] == ["lip_sync"]
+    verdicts = [s["passed"] for s in _seg(report, "lip_sync")]
+    assert verdicts == [True, False, True]
+    assert report.picture["lip_sync"]["passed"]  # pooled, the lecture alone would have passed
+    assert "1 of 3 measured segments out of sync" in report.check("lip_sync").detail
+    assert "segment 1: lag " in report.check("lip_sync").detail
+
+
 def test_sound_4_frames_late_fails_lip_sync_with_lag_4(shifted, speech):
     report = _qc(shifted, speech)
     assert report.to_dict()["failed"] == ["lip_sync"]

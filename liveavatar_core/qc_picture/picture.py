@@ -451,10 +451,10 @@ def _lip_check(lecture: dict[str, Any] | None, segs: list[dict[str, Any]]) -> QC
         f"{len(failed)} of {len(judged)} measured segments out of sync"
     )
     if failed:
-        detail += " (flagged in the report, not gating)"
         detail += ": " + "; ".join(
             f"segment {s['index']}: lag {s['lip_sync']['lag_frames']}, correlation {s['lip_sync']['correlation']}"
             for s in failed[:5]
         )
-    # The gate is the lecture's pooled proxy: a 2-3 s window alone is too short to gate on (docs/qc.md).
-    return QCCheck("lip_sync", lecture["passed"], lecture["lag_frames"], limit, detail)
+    # Both gate: the lecture's pooled proxy, and every judged segment (a mouth that stops following the
+    # voice in one segment of an hour must not pass on the other segments' strength).
+    return QCCheck("lip_sync", lecture["passed"] and not failed, lecture["lag_frames"], limit, detail)
