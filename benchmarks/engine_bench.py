@@ -149,6 +149,9 @@ class Row:
     estimate_parts_gib: dict | None = None
     handoff_mib: float = 0.0
     max_diff_vs_eager: int | None = None  # last frame of the timed segment, uint8 levels
+    # --segments N: the timed segment, then N - 1 more of as many clips, each continued from the one
+    # before (a lecture's segments on one worker): per segment its rung, continuation, s, FPS, peak
+    chain: list[dict] | None = None
     error: str = ""
 
 
@@ -158,6 +161,7 @@ def bench(
     clips: int,
     budget: int | None = None,
     continued_segment: bool = True,
+    segments: int = 1,
 ) -> tuple[Row, np.ndarray | None]:
     """One row, and the timed segment's last frame. Each segment goes down the ladder."""
     precision = "fp8" if config.fp8 else str(engine.dtype).removeprefix("torch.")
@@ -187,6 +191,14 @@ def bench(
         row.peak_gib = timed.peak_memory_bytes / GiB
         row.handoff_mib = len(timed.handoff) / 2**20
         row.peak_gib = max(row.peak_gib, cold.peak_memory_bytes / GiB)
+        if segments > 1:
+            row.chain = [chain_entry(timed, attempt, clips)]
+            handoff = timed.handoff
+            for k in range(1, segments):
+                segment, step = run(clips * FRAMES_PER_CLIP, 2 + k, CountingSink(), handoff)
+                row.chain.append(chain_entry(segment, step, clips))
+                row.peak_gib = max(row.peak_gib, segment.peak_memory_bytes / GiB)
+                handoff = segment.handoff
         if continued_segment:
             continued, _ = run(FRAMES_PER_CLIP, 2, CountingSink(), timed.handoff)
             row.continue_overhead_seconds = continued.details["timings"]["prepare"]
@@ -199,6 +211,16 @@ def bench(
     except LiveAvatarError as exc:
         row.status, row.error = "unavailable", str(exc)
     return row, last.last
+
+
+def chain_entry(result, attempt, clips: int) -> dict:
+    return {
+        "rung": attempt.rung,
+        "continuation": result.details["continuation"],
+        "seconds": round(result.seconds, 2),
+        "fps": round(clips * FRAMES_PER_CLIP / result.seconds, 2),
+        "peak_gib": round(result.peak_memory_bytes / GiB, 2),
+    }
 
 
 @dataclass
@@ -392,6 +414,18 @@ def markdown(rows: list[Row], device: str, checks: list[dict] | None) -> str:
             f"| {100 * r.estimate_error:+.1f}% "
             f"| {'' if r.max_diff_vs_eager is None else r.max_diff_vs_eager} |"
         )
+    for r in rows:
+        if r.chain:
+            lines += [
+                "",
+                f"Consecutive segments, {r.precision}, cap {r.cap_gib or '-'} GiB, {r.clips} clips each:",
+                "",
+            ]
+            lines += ["| segment | rung | continuation | s | FPS | peak GiB |", "|---|---|---|---|---|---|"]
+            lines += [
+                f"| {k} | {c['rung']} | {c['continuation']} | {c['seconds']} | {c['fps']} | {c['peak_gib']} |"
+                for k, c in enumerate(r.chain)
+            ]
     if checks:
         lines += ["", "Backends against the plain run (tiny model, 2 segments through a handoff):", ""]
         lines += ["| backend | max abs diff (uint8) | note |", "|---|---|---|"]
@@ -437,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-continue", action="store_true", help="skip the segment continued from the timed one's handoff"
     )
+    parser.add_argument(
+        "--segments",
+        type=int,
+        default=1,
+        help="N segments of --clips clips, each continued from the one before (the first is the timed one)",
+    )
     args = parser.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -477,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = GenerationConfig.for_output(size, precision).replace(
                     offload_encoders=not args.resident_encoders, compile=chains == "compiled"
                 )
-                row, frame = bench(engine, config, args.clips, budget, not args.no_continue)
+                row, frame = bench(engine, config, args.clips, budget, not args.no_continue, args.segments)
                 row.weights = engine.parts.weights
                 row.cap_gib = args.cap_gib
                 row.load_seconds = round(load_seconds, 2)

@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_loading.sh OUT random PRECISION               random weights only: PRECISION
 #       (fp8 or bf16) uncapped, then under the caps the issue names for it; a 4-clip timed segment and
 #       a segment continued from it
+#   bash benchmarks/gpu_loading.sh OUT chain PRECISION                under a 24 GiB cap, two
+#       consecutive segments of 16 clips (30.7 s, the line's default length), the second continued
+#       from the first, as a GPU worker runs a lecture's segments
 #
 # Results: OUT/loading.json (one entry per run, in order), the log on stdout. Runs are ordered by
 # importance; a run that did not finish in time is absent.
@@ -38,6 +41,11 @@ if [ "$mode" = random ]; then
   [ "$p" = bf16 ] && caps=(48 24)
   bench "random-$p-uncapped" --precisions "$p" --clips 4
   for cap in "${caps[@]}"; do bench "random-$p-cap$cap" --precisions "$p" --clips 4 --cap-gib "$cap"; done
+  exit 0
+fi
+if [ "$mode" = chain ]; then
+  p=${3:?PRECISION}
+  bench "chain-$p-cap24" --precisions "$p" --clips 16 --segments 2 --no-continue --cap-gib 24
   exit 0
 fi
 ckpt=${3:-/tmp/ckpt}
