@@ -306,7 +306,7 @@ class _TwoRungEngine(Engine):
     name = "two-rung"
     version = "test"
 
-    def estimate_memory(self, config: GenerationConfig) -> int:
+    def estimate_memory(self, config: GenerationConfig, num_frames: int | None = None) -> int:
         return 0
 
     def ladder(self, config: GenerationConfig) -> list[Rung]:
