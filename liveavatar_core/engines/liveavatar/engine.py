@@ -267,7 +267,9 @@ class LiveAvatarEngine(Engine):
         caches, continuation = self._caches(config, h, w, handoff, replay)
         blocks = self._blocks(request.num_frames)
         order = make_order(config.order, config.sweep_blocks)
-        features = self._features(request, handoff, blocks * dit.config.block_frames * 4, config)
+        features = self._features(
+            request, handoff, blocks * dit.config.block_frames * TEMPORAL_STRIDE, config
+        )
         run = SegmentRun(
             self.parts,
             request,
