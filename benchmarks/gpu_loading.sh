@@ -11,11 +11,11 @@
 #       consecutive segments of 16 clips (30.7 s, the line's default length), the second continued
 #       from the first, as a GPU worker runs a lecture's segments
 #
-# Results: OUT/loading.json (one entry per run, in order), the log on stdout. Runs are ordered by
-# importance; a run that did not finish in time is absent.
+# Results: OUT/loading.json (one entry per run this machine has made, calls before this one included,
+# in order), the log on stdout. Runs are ordered by importance; a run that did not finish is absent.
 set -u
 out=${1:?OUT}
-mode=${2:?checkpoint or random}
+mode=${2:?checkpoint, random or chain}
 res=/tmp/loading-results
 mkdir -p "$out" "$res"
 export PYTHONUNBUFFERED=1

@@ -32,6 +32,12 @@ def largest_change(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)))
 
 
+def step(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """`difference` and `largest_change` of one frame-to-frame step, from one subtraction."""
+    change = np.abs(a - b)
+    return float(np.mean(change)), float(np.max(change))
+
+
 def frozen_runs(steps: list[tuple[int, float]], min_frames: int = FROZEN_MIN_FRAMES) -> list[tuple[int, int]]:
     """(first, last) frame index of every run of at least `min_frames` identical frames.
 

@@ -150,8 +150,7 @@ class PictureQC:
             return
         thumb = motion.small(gray)
         if self._prev is not None and self._prev[0] == index - 1:
-            prev = self._prev[1]
-            seg.steps.append((index, motion.difference(prev, thumb), motion.largest_change(prev, thumb)))
+            seg.steps.append((index, *motion.step(self._prev[1], thumb)))
         self._prev = (index, thumb)
         if key:
             if self._prev_key is not None and index - self._prev_key[0] <= 2 * self.fps:
