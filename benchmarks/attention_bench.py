@@ -13,7 +13,10 @@ Candidates (each skipped with its reason when it cannot run here):
   probabilities quantised to e4m3 inside, bf16 output); the quantisation of q, k, v is timed separately;
 * `cudnn-fp8-fp8out`: the same with an e4m3 output (where cuDNN has no bf16-output fp8 kernel).
 
-    PYTHONPATH=. python benchmarks/attention_bench.py OUT [--reps 30]
+`--split` instead times the DiT's self-attention over its three key sets (ring window, block, sink):
+concatenated then attended, or attended part by part and merged by log-sum-exp (`attend_parts`).
+
+    PYTHONPATH=. python benchmarks/attention_bench.py OUT [--reps 30] [--split]
 """
 
 from __future__ import annotations
@@ -218,6 +221,44 @@ def run_scale(input_scale: float, reps: int) -> list[dict]:
     return rows
 
 
+def run_split(reps: int) -> list[dict]:
+    """The block's self-attention as the DiT runs it, in the DiT's [B, N, H, D] layout: keys from the
+    ring's window (9 frames), the block itself (3 frames) and the sink, concatenated then attended
+    (before issue 12), or attended part by part and merged by log-sum-exp (`attend_parts`)."""
+    from liveavatar_core.engines.liveavatar.chains import EAGER, compiled_chains
+    from liveavatar_core.engines.liveavatar.layers import attend, attend_parts
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(1)
+
+    def rand(n: int, scale: float = 2.5) -> torch.Tensor:
+        return (torch.randn(1, n, HEADS, HEAD_DIM, device=device, generator=gen) * scale).to(torch.bfloat16)
+
+    q = rand(QUERIES)
+    parts = [(rand(n), rand(n, 1.0)) for n in (KEYS - QUERIES - 2640, QUERIES, 2640)]
+    variants = {
+        "concat + SDPA (before)": lambda: attend(
+            q, torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
+        ),
+        "3 parts + merge, eager": lambda: attend_parts(q, parts, EAGER),
+        "3 parts + merge, compiled": lambda: attend_parts(q, parts, compiled_chains()),
+        "2 parts (ring | own + sink) + merge, compiled": lambda: attend_parts(
+            q,
+            [parts[0], (torch.cat([parts[1][0], parts[2][0]], 1), torch.cat([parts[1][1], parts[2][1]], 1))],
+            compiled_chains(),
+        ),
+    }
+    before = variants["concat + SDPA (before)"]()
+    rows = []
+    for name, fn in variants.items():
+        row = {"candidate": name, "input_scale": 2.5, "ms": median_ms(fn, reps), "note": "split"}
+        row["tflops"] = flops() / (row["ms"] * 1e-3) / 1e12
+        row["vs_bf16_sdpa"] = errors(fn(), before)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def markdown(rows: list[dict], device: str) -> str:
     lines = [
         f"Attention at 40 heads x 128, {QUERIES} queries x {KEYS} keys, batch 1 ({device})",
@@ -241,15 +282,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--split", action="store_true", help="the DiT's context: concatenated or by parts")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("attention_bench: needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
-    rows = [row for scale in (1.0, 2.5) for row in run_scale(scale, args.reps)]
-    (args.out / "attention_bench.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+    if args.split:
+        rows = run_split(args.reps)
+    else:
+        rows = [row for scale in (1.0, 2.5) for row in run_scale(scale, args.reps)]
+    name = "attention_split" if args.split else "attention_bench"
+    (args.out / f"{name}.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
     table = markdown(rows, device)
-    (args.out / "attention_bench.md").write_text(table)
+    (args.out / f"{name}.md").write_text(table)
     print(table)
 
 

@@ -19,7 +19,7 @@ from liveavatar_core.engines.liveavatar.backends import FP8, FP8_MAX, Fp8Linear 
 from liveavatar_core.engines.liveavatar.config import DiTConfig  # noqa: E402
 from liveavatar_core.engines.liveavatar.dit import DiTBlock, SelfContext  # noqa: E402
 from liveavatar_core.engines.liveavatar.dit_audio import AudioTokens  # noqa: E402
-from liveavatar_core.engines.liveavatar.layers import attend  # noqa: E402
+from liveavatar_core.engines.liveavatar.layers import attend, attend_parts  # noqa: E402
 from liveavatar_core.engines.liveavatar.rope import block_positions, cond_positions, rope_table  # noqa: E402
 
 
@@ -65,9 +65,8 @@ def old_block(block, x, t_mod, rope, text_k, text_v, ctx, audio):
     q = old_rope(q, rope).to(x.dtype)
     k = old_rope(k_raw, rope).to(x.dtype)
     cond_k = old_rope(ctx.cond_k, ctx.cond_rope).to(x.dtype)
-    keys = torch.cat([*ctx.before_k, k, *ctx.after_k, cond_k], dim=1)
-    values = torch.cat([*ctx.before_v, v, *ctx.after_v, ctx.cond_v], dim=1)
-    y = block.self_attn.out(attend(q, keys, values))
+    parts = [*zip(ctx.ring_k, ctx.ring_v, strict=True), (k, v), (cond_k, ctx.cond_v)]
+    y = block.self_attn.out(attend_parts(q, parts))
     x32 = x.float() + (grouped(y).float() * gate1).reshape(b, n, dim)
     q = old_q(block.cross_attn, old_ln(block.norm3, x32.to(x.dtype)))
     x32 = x32 + block.cross_attn.out(attend(q, text_k, text_v)).float()
@@ -111,10 +110,8 @@ def main() -> None:
         lc = cond_pos.shape[0]
         hd = (cfg.num_heads, cfg.head_dim)
         ctx = SelfContext(
-            [r(1, 6 * fsl, *hd)],
-            [r(1, 6 * fsl, *hd)],
-            [r(1, 3 * fsl, *hd)],
-            [r(1, 3 * fsl, *hd)],
+            [r(1, 6 * fsl, *hd), r(1, 3 * fsl, *hd)],
+            [r(1, 6 * fsl, *hd), r(1, 3 * fsl, *hd)],
             r(1, lc, *hd),
             r(1, lc, *hd),
             cond_rope,

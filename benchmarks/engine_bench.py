@@ -149,6 +149,7 @@ class Row:
     estimate_parts_gib: dict | None = None
     handoff_mib: float = 0.0
     max_diff_vs_eager: int | None = None  # last frame of the timed segment, uint8 levels
+    max_diff_vs_compiled: int | None = None  # graphs rows: the same against the compiled row
     # --segments N: the timed segment, then N - 1 more of as many clips, each continued from the one
     # before (a lecture's segments on one worker): per segment its rung, continuation, s, FPS, peak
     chain: list[dict] | None = None
@@ -165,7 +166,8 @@ def bench(
 ) -> tuple[Row, np.ndarray | None]:
     """One row, and the timed segment's last frame. Each segment goes down the ladder."""
     precision = "fp8" if config.fp8 else str(engine.dtype).removeprefix("torch.")
-    row = Row(config.size, precision, "compiled" if config.compile else "eager", clips)
+    chains = "graphs" if config.cuda_graphs else "compiled" if config.compile else "eager"
+    row = Row(config.size, precision, chains, clips)
     last = CountingSink()
 
     def run(frames: int, seed: int, sink: CountingSink, handoff: bytes | None = None):
@@ -243,7 +245,9 @@ def bench_orders(
     engine: LiveAvatarEngine, size: str, precision: str, clips: int, report
 ) -> tuple[list[OrderRow], dict]:
     """The order rows of one precision, and the segment-start costs (see the module docstring)."""
-    base = GenerationConfig.for_output(size, precision).replace(offload_encoders=True, compile=False)
+    base = GenerationConfig.for_output(size, precision).replace(
+        offload_encoders=True, compile=False, cuda_graphs=False
+    )
     engine.generate(request(base, FRAMES_PER_CLIP, seed=1), CountingSink())  # warm-up
     variants = [
         ("block", False, clips),
@@ -349,10 +353,20 @@ def run_orders(args, engine: LiveAvatarEngine, device_name: str) -> int:
     return 0 if all(r.status == "ok" for r in rows) else 1
 
 
+def run_config(size: str, precision: str, chains: str, resident_encoders: bool) -> GenerationConfig:
+    """A row's config: `chains` is eager, compiled or graphs (compiled chains replayed as CUDA graphs)."""
+    if chains not in ("eager", "compiled", "graphs"):
+        raise SystemExit(f"engine_bench: --chains {chains!r}: expected eager, compiled or graphs")
+    return GenerationConfig.for_output(size, precision).replace(
+        offload_encoders=not resident_encoders, compile=chains != "eager", cuda_graphs=chains == "graphs"
+    )
+
+
 def check_backends(device: str | None) -> list[dict]:
     """Every backend against the plain run, tiny random model: offloads exact, fp8/compile close."""
     engine = LiveAvatarEngine(random_weights=True, device=device, tiny=True)
-    base = GenerationConfig(height=64, width=64, compile=False)  # eager: offloads must match it bit for bit
+    # eager, no graphs: offloads and CUDA graphs must match it bit for bit
+    base = GenerationConfig(height=64, width=64, compile=False, cuda_graphs=False)
     variants = {
         "plain": base,
         "offload_encoders": base.replace(offload_encoders=True),
@@ -363,6 +377,8 @@ def check_backends(device: str | None) -> list[dict]:
         "fp8_offload_weights": base.replace(fp8=True, offload_weights=True),
         "compile": base.replace(compile=True),
         "compile_offload_weights": base.replace(compile=True, offload_weights=True),
+        "cuda_graphs": base.replace(cuda_graphs=True),
+        "compile_cuda_graphs": base.replace(compile=True, cuda_graphs=True),
         "sweep": base.replace(order="sweep"),
         "sweep_offload_kv_cache": base.replace(order="sweep", offload_kv_cache=True),
         "sweep_offload_weights": base.replace(order="sweep", offload_weights=True),
@@ -396,8 +412,8 @@ def markdown(rows: list[Row], device: str, checks: list[dict] | None) -> str:
         "",
         "| weights | cap GiB | area | precision | chains | rung | load s | load peak GiB | s / clip | FPS "
         "| DiT s / clip | VAE s / clip | cold 1st clip s | continue overhead s | continuation | peak GiB "
-        "| estimate GiB | estimate error | max diff vs eager |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| estimate GiB | estimate error | max diff vs eager | max diff vs compiled |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         head = (
@@ -412,7 +428,8 @@ def markdown(rows: list[Row], device: str, checks: list[dict] | None) -> str:
             f"| {r.vae_seconds_per_clip:.2f} | {r.cold_first_clip_seconds:.1f} "
             f"| {r.continue_overhead_seconds:.2f} | {r.continuation} | {r.peak_gib:.1f} | {r.estimate_gib:.1f} "
             f"| {100 * r.estimate_error:+.1f}% "
-            f"| {'' if r.max_diff_vs_eager is None else r.max_diff_vs_eager} |"
+            f"| {'' if r.max_diff_vs_eager is None else r.max_diff_vs_eager} "
+            f"| {'' if r.max_diff_vs_compiled is None else r.max_diff_vs_compiled} |"
         )
     for r in rows:
         if r.chain:
@@ -451,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chains",
         default="eager,compiled",
-        help="comma-separated: eager, compiled (torch.compile of the chains)",
+        help="comma-separated: eager, compiled (torch.compile of the chains), graphs (compiled chains, "
+        "block forwards replayed as CUDA graphs)",
     )
     parser.add_argument(
         "--orders", action="store_true", help="block vs sweep order, streamed weights, starts"
@@ -489,9 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [s.strip() for s in args.sizes.split(",")]
     chains_list = [c.strip() for c in args.chains.split(",")]
     budget = None if args.cap_gib is None else int(args.cap_gib * GiB)
-    first = GenerationConfig.for_output(sizes[0], precisions[0]).replace(
-        offload_encoders=not args.resident_encoders, compile=chains_list[0] == "compiled"
-    )
+    first = run_config(sizes[0], precisions[0], chains_list[0], args.resident_encoders)
     start = time.perf_counter()
     engine = LiveAvatarEngine(
         checkpoint_dir=args.checkpoint_dir,
@@ -512,11 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for precision in precisions:  # bf16 before fp8: going back from fp8 reloads
         for size in sizes:
-            eager_frame = None
+            eager_frame = compiled_frame = None
             for chains in chains_list:
-                config = GenerationConfig.for_output(size, precision).replace(
-                    offload_encoders=not args.resident_encoders, compile=chains == "compiled"
-                )
+                config = run_config(size, precision, chains, args.resident_encoders)
                 row, frame = bench(engine, config, args.clips, budget, not args.no_continue, args.segments)
                 row.weights = engine.parts.weights
                 row.cap_gib = args.cap_gib
@@ -526,6 +540,10 @@ def main(argv: list[str] | None = None) -> int:
                     eager_frame = frame
                 elif frame is not None and eager_frame is not None:
                     row.max_diff_vs_eager = int(np.abs(frame.astype(np.int16) - eager_frame).max())
+                if chains == "compiled":
+                    compiled_frame = frame
+                elif chains == "graphs" and frame is not None and compiled_frame is not None:
+                    row.max_diff_vs_compiled = int(np.abs(frame.astype(np.int16) - compiled_frame).max())
                 rows.append(row)
                 print(json.dumps(asdict(row)), flush=True)
     engine_weights = f"{engine.parts.weights} (full size)"

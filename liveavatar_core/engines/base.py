@@ -43,6 +43,8 @@ class GenerationConfig:
     same pictures; with offload_weights each layer's weights cross to the device once per step sweep).
     sweep_blocks: blocks per group in sweep order: more amortise streamed weights and offloaded rings
     over more blocks, fewer hold less device state (one block's hidden state per block of a group).
+    cuda_graphs: replay block forwards as CUDA graphs (same kernels, same pictures, less host work)
+    where weights and rings are on the GPU; None lets the engine choose.
     """
 
     height: int = 704
@@ -55,6 +57,7 @@ class GenerationConfig:
     compile: bool | None = None
     order: Literal["block", "sweep"] = "block"
     sweep_blocks: int = 64  # 64 blocks: 30.7 s of video, a whole default segment
+    cuda_graphs: bool | None = None
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return dataclasses.replace(self, **changes)

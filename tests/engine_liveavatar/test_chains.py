@@ -33,6 +33,8 @@ def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
         "rope": RopeTable(torch.cos(angles), torch.sin(angles)),
         "heads": rand(B, G * S, HEADS, DIM // HEADS, dtype=BF16),
         "cond": rand(G, DIM, dtype=BF16),
+        "outs": [rand(B, HEADS, G * S, DIM // HEADS, dtype=BF16) for _ in range(3)],
+        "lses": [rand(B, HEADS, G * S) * 4 for _ in range(3)],
     }
 
 
@@ -48,6 +50,7 @@ def _calls(chains, t: dict) -> dict[str, object]:
         "apply_rope": chains.apply_rope(t["heads"], t["rope"], BF16),
         "ada_norm": chains.ada_norm(t["x"].reshape(G, S, DIM), t["cond"], t["cond"], 1e-6, BF16),
         "quantise": chains.quantise(t["x"].reshape(-1, DIM)),
+        "merge_attention": chains.merge_attention(t["outs"], t["lses"], BF16),
     }  # fmt: skip
 
 

@@ -9,7 +9,8 @@ import torch
 from liveavatar_core.engines.liveavatar.checkpoint import random_init
 from liveavatar_core.engines.liveavatar.config import DiTConfig
 from liveavatar_core.engines.liveavatar.dit import SelfContext
-from liveavatar_core.engines.liveavatar.kv_cache import CondKVCache, RingKVCache
+from liveavatar_core.engines.liveavatar.kv_cache import CondKVCache, RingKVCache, contiguous_runs
+from liveavatar_core.engines.liveavatar.layers import attend, attend_parts
 from liveavatar_core.engines.liveavatar.rope import (
     axis_positions,
     cond_positions,
@@ -122,7 +123,7 @@ def test_block_with_wrapped_cache_equals_explicit_context(model):
     for i, block in enumerate(model.blocks):
         past_k = big.k[i, :, 3 * fsl : 12 * fsl]  # frames 3..11, one concatenated piece
         past_v = big.v[i, :, 3 * fsl : 12 * fsl]
-        context = SelfContext([past_k], [past_v], [], [], cond.k[i], cond.v[i], prepared.cond_rope)
+        context = SelfContext([past_k], [past_v], cond.k[i], cond.v[i], prepared.cond_rope)
         x, _, _ = block(x, prepared.e0, prepared.rope, text.k[i], text.v[i], context, audio)
     torch.testing.assert_close(actual, model.finish_block(x, prepared), rtol=1e-5, atol=1e-5)
 
@@ -209,3 +210,28 @@ def test_audio_encoder_is_causal_and_block_sized(model):
     assert not torch.allclose(later.tokens[:, 7:], full.tokens[:, 7:])
     block = model.encode_audio(feats[..., :12])
     assert block.tokens.shape[1] == 3 and torch.equal(block.tokens[:, :, -1], full.tokens[:, :3, -1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_over_parts_equals_attention_over_their_concatenation(dtype):
+    """Three key sets of different lengths (a ring run, the block's own keys, the sink), attended apart
+    and merged by log-sum-exp, against one attention over the concatenated keys; peaked scores."""
+    g = torch.Generator().manual_seed(3)
+
+    def rand(n, scale=1.0):
+        return (torch.randn(1, n, 4, 16, generator=g) * scale).to(dtype)
+
+    q = rand(24, 3.0)
+    parts = [(rand(n, 3.0), rand(n)) for n in (40, 24, 17)]
+    merged = attend_parts(q, parts)
+    whole = attend(q, torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1))
+    assert merged.shape == whole.shape == (1, 24, 4, 16) and merged.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(merged.float(), whole.float(), rtol=tolerance, atol=tolerance)
+    assert torch.equal(attend_parts(q, parts[:1]), attend(q, *parts[0]))  # one part: one plain call
+
+
+def test_contiguous_runs_join_a_full_window_into_one_view():
+    assert contiguous_runs([range(0, 4)], [range(4, 8), range(12, 16)]) == [range(0, 8), range(12, 16)]
+    assert contiguous_runs([], [range(8, 12)], [range(0, 8)]) == [range(0, 12)]
+    assert contiguous_runs([], []) == []

@@ -15,7 +15,7 @@ from liveavatar_core.engines import registry
 from liveavatar_core.engines.base import GenerationConfig, SegmentRequest
 from liveavatar_core.engines.ladder import generate_with_ladder
 from liveavatar_core.engines.liveavatar import LiveAvatarEngine
-from liveavatar_core.engines.liveavatar.backends import Fp8Linear, apply_fp8
+from liveavatar_core.engines.liveavatar.backends import BackendUnavailable, Fp8Linear, apply_fp8
 from liveavatar_core.engines.liveavatar.checkpoint import random_init
 from liveavatar_core.engines.liveavatar.config import DiTConfig
 from liveavatar_core.engines.liveavatar.handoff import Handoff, HandoffError, ReplayBlock
@@ -130,6 +130,32 @@ def test_compiled_chains_are_the_engines_choice_unless_the_config_says(engine):
     assert all(np.array_equal(a, b) for a, b in zip(eager, again, strict=True))
     diff = max(np.abs(a.astype(int) - b).max() for a, b in zip(eager, compiled, strict=True))
     assert diff <= 8, diff  # rounding-level differences only (float32 model: usually none)
+
+
+def test_cuda_graphs_only_where_weights_and_rings_stay_on_a_cuda_device(engine):
+    """None: graphs on CUDA, never with streamed weights or rings; asked for on a CPU: refused, named."""
+    assert engine._graphs(SIZE) is False and engine.parts.dit.graphs is None
+    with pytest.raises(BackendUnavailable, match="cuda_graphs: CUDA graphs need a CUDA device"):
+        run(engine, request(speech(12), config=SIZE.replace(cuda_graphs=True)))
+    sizes, full = ModelSizes.from_shapes(DiTConfig()), GenerationConfig(height=704, width=384)
+    graphed = estimate_memory(full.replace(cuda_graphs=True), DiTConfig(), sizes).parts
+    plain = estimate_memory(full, DiTConfig(), sizes).parts
+    assert graphed.keys() - plain.keys() == {"graph_pool"} and 0.5e9 < graphed["graph_pool"] < 2e9
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_block_forwards_replayed_as_cuda_graphs_give_the_same_frames(liveavatar_checkpoint):  # noqa: F811
+    """Same kernels replayed: bit-identical frames over a segment and its continuation, and graphs were
+    captured and replayed (every key after the first forward of its structure)."""
+    engine = LiveAvatarEngine(checkpoint_dir=str(liveavatar_checkpoint), device="cuda")
+    outputs = {}
+    for graphs in (False, True):
+        config = SIZE.replace(cuda_graphs=graphs)
+        first, result = run(engine, request(speech(60), config=config))
+        second, _ = run(engine, request(speech(60), config=config, handoff=result.handoff))
+        outputs[graphs] = first + second
+    assert all(np.array_equal(a, b) for a, b in zip(outputs[False], outputs[True], strict=True))
+    assert engine.parts.dit.graphs.captures > 0 and engine.parts.dit.graphs.replays > 0
 
 
 def test_warm_up_runs_a_fresh_and_a_continued_segment_and_changes_no_later_output(engine, monkeypatch):

@@ -20,7 +20,12 @@ from liveavatar_core.engines.liveavatar.vae import (
     original_to_diffusers_key,
     to_uint8,
 )
-from liveavatar_core.engines.liveavatar.vae_decode import DecodeOptions, compiled_rms_act, rms_act
+from liveavatar_core.engines.liveavatar.vae_decode import (
+    DecodeOptions,
+    compiled_rms_act,
+    rms_act,
+    upsample_nearest_2x,
+)
 from liveavatar_core.errors import InputError
 
 H, W = 16, 24  # pixels; latents 2 x 3
@@ -265,3 +270,11 @@ def test_decode_options_refuse_nonsense():
         DecodeOptions(chunk=0)
     with pytest.raises(ValueError, match="fused"):
         DecodeOptions(compiled=True)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_nearest_upsample_is_interpolate_in_the_same_layout(layout):
+    x = torch.randn(1, 6, 3, 5, 7).to(torch.bfloat16).contiguous(memory_format=layout)
+    want = torch.nn.functional.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+    got = upsample_nearest_2x(x)
+    assert torch.equal(got, want) and got.is_contiguous(memory_format=layout)

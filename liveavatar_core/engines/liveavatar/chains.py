@@ -132,6 +132,16 @@ def ada_norm(
     return scale_shift(normed, gain[:, None], shift.float()[:, None], dtype)
 
 
+def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Attention over several key sets from each set's own attention: outs [B, H, Nq, D] and their
+    log-sum-exps float32 [B, H, Nq] -> [B, Nq, H, D] in `dtype`, weighted in float32."""
+    total = torch.logsumexp(torch.stack(lses), dim=0)
+    merged = outs[0].float() * torch.exp(lses[0] - total).unsqueeze(-1)
+    for out, lse in zip(outs[1:], lses[1:], strict=True):
+        merged = merged + out.float() * torch.exp(lse - total).unsqueeze(-1)
+    return merged.transpose(1, 2).to(dtype)
+
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 
@@ -158,6 +168,7 @@ _CHAINS: dict[str, Callable] = {
         rms_rope,
         apply_rope,
         ada_norm,
+        merge_attention,
         quantise,
     )
 }

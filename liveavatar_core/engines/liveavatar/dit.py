@@ -20,9 +20,11 @@ The official tensor names map onto this module tree as described in `checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,9 +32,11 @@ from .chains import EAGER
 from .config import DiTConfig
 from .dit_audio import AudioInjector, AudioTokens, CausalAudioEncoder
 from .framepack import FramePack
-from .kv_cache import CondKVCache, RingKVCache
-from .layers import Attention, LayerNorm32, attend, sinusoidal_embedding
+from .graphs import BlockGraphs
+from .kv_cache import CondKVCache, RingKVCache, contiguous_runs
+from .layers import Attention, LayerNorm32, attend, attend_parts, sinusoidal_embedding
 from .rope import (
+    ROPE_TABLES_KEPT,
     RopeTable,
     block_positions,
     cond_positions,
@@ -58,10 +62,8 @@ class TextContext(NamedTuple):
 class SelfContext(NamedTuple):
     """What a block's tokens attend to besides themselves (block mode)."""
 
-    before_k: list[torch.Tensor]  # ring slots before the block's own, slot order: [B, n, H, D] each
-    before_v: list[torch.Tensor]
-    after_k: list[torch.Tensor]  # ring slots after the block's own (after the ring wrapped)
-    after_v: list[torch.Tensor]
+    ring_k: list[torch.Tensor]  # the window's runs of contiguous ring slots: [B, n, H, D] each
+    ring_v: list[torch.Tensor]
     cond_k: torch.Tensor  # sink keys without RoPE [B, Lc, H, D]
     cond_v: torch.Tensor
     cond_rope: RopeTable  # the sink's rotary table for this block's position
@@ -145,9 +147,8 @@ class DiTBlock(nn.Module):
         k = chains.rms_rope(attn.k(x), attn.norm_k.weight, attn.norm_k.eps, rope, heads)
         v = attn.v(x).unflatten(-1, (heads, -1))
         cond_k = chains.apply_rope(context.cond_k, context.cond_rope, x.dtype)
-        keys = torch.cat([*context.before_k, k, *context.after_k, cond_k], dim=1)
-        values = torch.cat([*context.before_v, v, *context.after_v, context.cond_v], dim=1)
-        return attn.out(attend(q, keys, values)), k, v
+        parts = [*zip(context.ring_k, context.ring_v, strict=True), (k, v), (cond_k, context.cond_v)]
+        return attn.out(attend_parts(q, parts, chains)), k, v
 
 
 class Head(nn.Module):
@@ -191,6 +192,8 @@ class LiveAvatarDiT(nn.Module):
         self.head = Head(config)
         self.audio_encoder = CausalAudioEncoder(config)
         self.frame_packer = FramePack(config)
+        self._rope_tables: OrderedDict[tuple, RopeTable] = OrderedDict()
+        self.graphs: BlockGraphs | None = None  # block forwards replayed as CUDA graphs (graphs.py)
 
     # --- dtype/device of the activations: those of the patch embedding (never quantised) ---
     @property
@@ -314,18 +317,31 @@ class LiveAvatarDiT(nn.Module):
             )
         audio = audio.to(self.device, self.compute_dtype)
         frames = inputs.grid[0]
-        x = inputs.x
-        before, after = ring_cache.context_ranges(frame_index, frames)
-        ring_cache.prefetch(0, [before, after])
-        for i, block in enumerate(self.blocks):
-            ring_cache.prefetch(i + 1, [before, after])  # copied while this layer computes
-            before_k, before_v = ring_cache.read(i, before, self.device)
-            after_k, after_v = ring_cache.read(i, after, self.device)
-            cond_k, cond_v = cond_cache.read(i, self.device)
-            context = SelfContext(before_k, before_v, after_k, after_v, cond_k, cond_v, inputs.cond_rope)
-            x, k, v = block(x, inputs.e0, inputs.rope, text.k[i], text.v[i], context, audio)
-            if write_cache:
-                ring_cache.write(i, frame_index, k, v)
+        runs = contiguous_runs(*ring_cache.context_ranges(frame_index, frames))
+
+        def layers(x, e0, rope_cos, rope_sin, cond_cos, cond_sin, audio_tokens, audio_global):
+            rope, cond_rope = RopeTable(rope_cos, rope_sin), RopeTable(cond_cos, cond_sin)
+            audio = AudioTokens(audio_tokens, audio_global)
+            ring_cache.prefetch(0, [runs])
+            for i, block in enumerate(self.blocks):
+                ring_cache.prefetch(i + 1, [runs])  # copied while this layer computes
+                ring_k, ring_v = ring_cache.read(i, runs, self.device)
+                cond_k, cond_v = cond_cache.read(i, self.device)
+                context = SelfContext(ring_k, ring_v, cond_k, cond_v, cond_rope)
+                x, k, v = block(x, e0, rope, text.k[i], text.v[i], context, audio)
+                if write_cache:
+                    ring_cache.write(i, frame_index, k, v)
+            return x
+
+        args = [inputs.x, inputs.e0, *inputs.rope, *inputs.cond_rope, audio.tokens, audio.global_]
+        if self.graphs is not None and isinstance(ring_cache, RingKVCache) and ring_cache.k.is_cuda:
+            slot = ring_cache.first_slot(frame_index, frames)
+            baked = (text.k, text.v, cond_cache.k, cond_cache.v, ring_cache.k, ring_cache.v)
+            structure = (tuple(len(r) for r in runs), cond_cache.length, write_cache)
+            key = (*(t.data_ptr() for t in baked), tuple(runs), slot, structure)
+            x = self.graphs.run(key, structure, layers, args)
+        else:
+            x = layers(*args)
         if write_cache:
             ring_cache.commit(frame_index, frames)
         return self.finish_block(x, inputs)
@@ -354,19 +370,16 @@ class LiveAvatarDiT(nn.Module):
         ]
         frames = inputs[0].grid[0]
         audio = [a.to(self.device, self.compute_dtype) for a in audio]
-        plan = ring_cache.context_plan(list(frame_indices), frames)
+        plan = [contiguous_runs(*ranges) for ranges in ring_cache.context_plan(list(frame_indices), frames)]
         xs = [block_inputs.x for block_inputs in inputs]
         inputs = [block_inputs._replace(x=None) for block_inputs in inputs]  # one copy of the tokens
         layers = len(self.blocks)
         for i, block in enumerate(self.blocks):
             ring = ring_cache.open_layer(i, i + 1 if i + 1 < layers else None)
             cond_k, cond_v = cond_cache.read(i, self.device)
-            for j, (block_inputs, (before, after)) in enumerate(zip(inputs, plan, strict=True)):
-                before_k, before_v = ring.read(0, before, self.device)
-                after_k, after_v = ring.read(0, after, self.device)
-                context = SelfContext(
-                    before_k, before_v, after_k, after_v, cond_k, cond_v, block_inputs.cond_rope
-                )
+            for j, (block_inputs, runs) in enumerate(zip(inputs, plan, strict=True)):
+                ring_k, ring_v = ring.read(0, runs, self.device)
+                context = SelfContext(ring_k, ring_v, cond_k, cond_v, block_inputs.cond_rope)
                 xs[j], k, v = block(
                     xs[j], block_inputs.e0, block_inputs.rope, text.k[i], text.v[i], context, audio[j]
                 )
@@ -396,14 +409,34 @@ class LiveAvatarDiT(nn.Module):
             x = x + pose.flatten(2).transpose(1, 2)
         x = x + self.trainable_cond_mask.weight[NOISY].to(x.dtype)
 
-        rope = rope_table(cfg, block_positions(frame_index, frames, h, w), self.device)
+        rope = self._rope(
+            ("block", frame_index, frames, h, w), lambda: block_positions(frame_index, frames, h, w)
+        )
         reference_frame = reference_frame_for_block(cfg, frame_index, sink_distance)
-        cond_rope = rope_table(cfg, cond_positions(cfg, reference_frame, h, w), self.device)
-        # Timesteps are float32 in the official scheduler (857.7 is 857.7000122…); round like it.
-        t = torch.as_tensor(timestep, dtype=torch.float32, device=self.device).double()
+        cond_rope = self._rope(
+            ("cond", reference_frame, h, w), lambda: cond_positions(cfg, reference_frame, h, w)
+        )
+        # Timesteps are float32 in the official scheduler (857.7 is 857.7000122…); round like it. A
+        # number is filled in on the device (a copy from the host would wait for the GPU).
+        if isinstance(timestep, torch.Tensor):
+            t = timestep.to(self.device, torch.float32).double()
+        else:
+            t = torch.full((), timestep, dtype=torch.float32, device=self.device).double()
         t = t if t.ndim == 2 else t.reshape(-1, 1)
         e, e0 = self.timestep_embedding(t.expand(b, frames))  # one timestep per latent frame
         return BlockInputs(x, rope, cond_rope, e, e0, (frames, h, w))
+
+    def _rope(self, key: tuple, positions: Callable[[], np.ndarray]) -> RopeTable:
+        """The rotary table of `positions()`, kept on the device for the forwards that repeat it (a
+        block's every step; sink positions recur from block to block): the last `ROPE_TABLES_KEPT`."""
+        key = (*key, str(self.device))
+        table = self._rope_tables.pop(key, None)
+        if table is None:
+            table = rope_table(self.config, positions(), self.device)
+        self._rope_tables[key] = table
+        while len(self._rope_tables) > ROPE_TABLES_KEPT:
+            self._rope_tables.popitem(last=False)
+        return table
 
     def finish_block(self, x: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         """Head and unpatchify: tokens after the last layer -> float32 [B, out_dim, F, H, W]."""

@@ -41,6 +41,7 @@ from ...timebase import SAMPLES_PER_FRAME
 from ..base import Engine, FrameSink, GenerationConfig, GiB, Rung, SegmentRequest, SegmentResult
 from . import VERSION
 from .backends import (
+    BackendUnavailable,
     BlockWeightOffload,
     HostRing,
     apply_compile,
@@ -61,6 +62,7 @@ from .components import (
 )
 from .config import DiTConfig
 from .dit import TextContext
+from .graphs import BlockGraphs
 from .handoff import Handoff
 from .kv_cache import CondKVCache
 from .memory import ModelSizes, cap_device_memory, estimate_memory
@@ -167,6 +169,7 @@ class LiveAvatarEngine(Engine):
     def memory_parts(self, config: GenerationConfig, num_frames: int | None = None) -> dict[str, int]:
         """The estimate by part (for reports and the benchmark)."""
         blocks = None if num_frames is None else self._blocks(num_frames)
+        config = config.replace(cuda_graphs=self._graphs(config))
         return estimate_memory(config, self.dit_config, self.sizes, self.dtype, blocks).parts
 
     def _blocks(self, num_frames: int) -> int:
@@ -301,6 +304,9 @@ class LiveAvatarEngine(Engine):
             "next_frame": state.next_frame,
             "timings": timings.as_dict(),
             "chains": dit.blocks[0].chains.name,  # what ran: eager or compiled
+            # block forwards replayed as CUDA graphs, and graphs captured, so far in this process
+            "graph_replays": dit.graphs.replays if dit.graphs is not None else 0,
+            "graph_captures": dit.graphs.captures if dit.graphs is not None else 0,
             "peak_measured": self.device.type == "cuda",
         }
         return SegmentResult(frames, payload, 0.0, peak, details)
@@ -354,6 +360,12 @@ class LiveAvatarEngine(Engine):
             apply_compile(dit)
         else:
             remove_compile(dit)
+        # Graphs bake in the weights' addresses and the chains that ran: new ones when either changes.
+        signature = (is_fp8(dit), dit.blocks[0].chains.name)
+        if not self._graphs(config):
+            dit.graphs = None
+        elif dit.graphs is None or dit.graphs.signature != signature:
+            dit.graphs = BlockGraphs(self.device, signature)
         # The VAE decoder's fast path (vae_decode.py) goes with compiling: rounding-level differences.
         self.parts.vae.decode_options = FAST_DECODE if self._compiles(config) else DIFFUSERS_DECODE
         # Encoders: text runs on the host when offloaded, wav2vec2 visits the device per chunk. The flag
@@ -377,6 +389,15 @@ class LiveAvatarEngine(Engine):
         if config.compile is not None:
             return config.compile
         return self.device.type == "cuda" and compile_problem() is None
+
+    def _graphs(self, config: GenerationConfig) -> bool:
+        """CUDA graphs of the block forwards: only with weights and rings on the GPU (streamed ones are
+        copied in by host-side hooks and side streams, which a graph cannot replay); None: on for CUDA."""
+        on_device = not (config.offload_weights or config.offload_kv_cache)
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise BackendUnavailable("cuda_graphs", f"CUDA graphs need a CUDA device, not {self.device}")
+        wanted = self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs
+        return wanted and on_device
 
     def _reload_dit(self, config: GenerationConfig) -> None:
         """Back from fp8 to the model dtype: the bf16 weights are gone, so read them again, placed as

@@ -39,6 +39,18 @@ def kv_bytes_per_token(config: DiTConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_layers * config.dim * itemsize
 
 
+def contiguous_runs(*ranges: list[range]) -> list[range]:
+    """Token ranges joined where one ends at the next's start, in start order (attention is the same
+    whatever the order of its keys, so a full window is one run: one view of the ring, no copy)."""
+    runs: list[range] = []
+    for r in sorted((r for group in ranges for r in group), key=lambda r: r.start):
+        if runs and runs[-1].stop == r.start:
+            runs[-1] = range(runs[-1].start, r.stop)
+        else:
+            runs.append(r)
+    return runs
+
+
 @dataclass
 class CondKVCache:
     """Sink keys (no RoPE) and values per layer: k, v [layers, B, tokens, heads, head_dim]."""

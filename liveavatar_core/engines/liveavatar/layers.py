@@ -77,6 +77,46 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+def attend_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`attend` and the log-sum-exp of each query's scores: (out [B, H, Nq, D], float32 [B, H, Nq]),
+    or None where torch has no attention kernel that returns it for these inputs.
+
+    The kernels are the ones SDPA dispatches to (cuDNN for bf16/fp16 on CUDA, the flash kernel on the
+    CPU, the memory-efficient one for float32 on CUDA), called through their aten ops, which also
+    return the log-sum-exp that training's backward pass uses."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    aten = torch.ops.aten
+    if q.device.type == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    elif q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True)[:2]
+    elif q.is_cuda:
+        out, lse = aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+    else:
+        return None
+    b, h, n, _ = out.shape
+    return out, lse.reshape(b, h, -1)[..., :n].float()  # cuDNN adds a unit dim, efficient pads n
+
+
+def attend_parts(
+    q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], chains=EAGER
+) -> torch.Tensor:
+    """Attention of q [B, Nq, H, D] over the union of several key/value sets ([B, Nk_i, H, D] each)
+    without concatenating them: each part is attended on its own, and the parts are merged by their
+    log-sum-exps (softmax over the union = each part's softmax weighted by exp(lse_i - lse)). Same
+    result as `attend` over the concatenation up to rounding; the K/V copy it saves is the size of the
+    whole context. Where no kernel returns the log-sum-exp, it concatenates."""
+    if len(parts) > 1:
+        results = [attend_with_lse(q, k, v) for k, v in parts]
+        if all(r is not None for r in results):
+            outs, lses = zip(*results, strict=True)
+            return chains.merge_attention(list(outs), list(lses), q.dtype)
+    keys, values = zip(*parts, strict=True)
+    return attend(q, torch.cat(keys, dim=1), torch.cat(values, dim=1))
+
+
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     """Wan's timestep features [cos | sin], computed in float64 as the official code does: [N, dim]."""
     half = dim // 2

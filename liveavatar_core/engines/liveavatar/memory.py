@@ -11,6 +11,8 @@ The block loop is the peak phase. What is resident then:
 | the prompt's cross-attention K/V (all layers, 512 tokens) | 0.4 GB |
 | cond (sink) cache: 2.5·fsl tokens x layers x (k, v) | 2.2 GB |
 | step rings: steps x 9 latent frames x fsl x layers x (k, v), or 2 prefetched layers if offloaded | 31.1 GB |
+| rotary tables the DiT keeps for forwards that repeat them (16) | 0.03 GB |
+| CUDA graphs' pool, when block forwards are graphed: one forward's activations, its static inputs | 0.8 GB |
 | transient: a block forward's activations, one latent's VAE decode, or loading's one tensor | ~1-2 GB |
 
 Loading puts every weight straight where the first segment's rung wants it (`checkpoint.Placement`),
@@ -39,6 +41,7 @@ from .framepack import cond_token_count
 from .kv_cache import kv_bytes_per_token
 from .order import sweep_state_bytes
 from .ring import ring_capacity_frames
+from .rope import ROPE_TABLES_KEPT
 from .text_encoder import TextEncoderConfig
 from .vae import decoder_state_nbytes
 
@@ -154,7 +157,10 @@ def estimate_memory(
     if config.order == "sweep":  # every block's hidden state between layers (a longest group)
         group = config.sweep_blocks if blocks is None else min(config.sweep_blocks, blocks)
         parts["sweep_state"] = sweep_state_bytes(dit, h, w, group, b)
+    parts["rope_tables"] = ROPE_TABLES_KEPT * max(dit.block_frames * fsl, cond_tokens) * dit.head_dim * 4
     parts["vae_decoder_cache"] = _decoder_state_nbytes(config.height, config.width, dtype, sizes.vae_base_dim)
+    if config.cuda_graphs:  # the graphs' pool keeps one block forward's activations, and their inputs
+        parts["graph_pool"] = block_activation_bytes(dit, fsl, cond_tokens, b) + 2 * 3 * fsl * dit.dim * b
     parts["transient"] = max(
         block_activation_bytes(dit, fsl, cond_tokens, b),
         decode_workspace_bytes(config.height, config.width, b, sizes.vae_base_dim),
@@ -171,14 +177,14 @@ def _decoder_state_nbytes(height: int, width: int, dtype: torch.dtype, base_dim:
 def block_activation_bytes(dit: DiTConfig, fsl: int, cond_tokens: int, b: int) -> int:
     """Live tensors at the peak of one block forward (self-attention of the largest context).
 
-    n = 3·fsl query tokens; keys/values: 12·fsl ring tokens (the block's own included) + the sink.
-    At that point: the residual stream and its normed copy in float32, q/k/v, the float32 RoPE'd
-    q and k, the concatenated keys and values, the sink keys RoPE'd in float32, the attention output;
-    the FFN's hidden (ffn_dim wide, twice around the GELU) comes later and is counted if larger."""
+    n = 3·fsl query tokens attend to the ring's window, themselves and the sink, each part apart
+    (`attend_parts`). At that point: the residual stream and its normed copy in float32, q/k/v, the
+    float32 RoPE'd q and k, the three parts' outputs and their float32 merge, the sink keys RoPE'd in
+    float32, the attention output; the FFN's hidden (ffn_dim wide, twice around the GELU) comes later
+    and is counted if larger."""
     n = dit.block_frames * fsl
-    keys = dit.ring_frames * fsl + cond_tokens
     d = dit.dim
-    attention = n * d * (4 + 4 + 3 * b + 2 * 4 + b) + 2 * keys * d * b + cond_tokens * d * (4 + b)
+    attention = n * d * (4 + 4 + 3 * b + 2 * 4 + b) + 3 * n * d * (b + 4) + cond_tokens * d * (4 + b)
     ffn = n * d * (4 + 4 + b) + 2 * n * dit.ffn_dim * b
     return max(attention, ffn)
 
