@@ -27,8 +27,8 @@ from liveavatar_core.engines.liveavatar.engine import LiveAvatarEngine  # noqa: 
 # Kernel kinds by name fragments, first match wins (CUDA kernel names of torch 2.11 on Hopper).
 KINDS = (
     ("attention", ("sdpa", "fmha", "flash", "attention")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "_mm_", "wgmma")),
     ("convolution", ("conv", "implicit", "fprop", "winograd")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "_mm_", "wgmma")),
     ("triton (fused chains)", ("triton",)),
     ("concatenation", ("cat", "catarray")),
     ("copy / cast", ("copy", "memcpy", "memset")),
