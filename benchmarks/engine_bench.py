@@ -1,7 +1,8 @@
 """Benchmark the LiveAvatar engine with seeded random full-size weights on one GPU.
 
-For each precision (bf16, fp8), area (704x384, 384x256) and way of running the element-wise chains
-(eager, compiled: `chains.py`): a warm-up segment (one clip: the prompt
+For each precision (bf16, fp8), area (704x384, 384x256) and way of running (`--chains`: eager or
+compiled element-wise chains, `chains.py`; graphs: compiled, block forwards replayed as CUDA graphs,
+`graphs.py`; overlap: graphs, each block decoded on a second stream): a warm-up segment (one clip: the prompt
 encode, the portrait encode and first-call costs, reported as "cold"), then a timed segment of
 `--clips` 48-frame clips from the same portrait (steady state), then a one-clip segment continued from
 the timed one's handoff (the cost of starting from a handoff: ring replay and decoder re-prime).
@@ -149,7 +150,7 @@ class Row:
     estimate_parts_gib: dict | None = None
     handoff_mib: float = 0.0
     max_diff_vs_eager: int | None = None  # last frame of the timed segment, uint8 levels
-    max_diff_vs_compiled: int | None = None  # graphs rows: the same against the compiled row
+    max_diff_vs_compiled: int | None = None  # graphs/overlap rows: the same against the compiled row
     # --segments N: the timed segment, then N - 1 more of as many clips, each continued from the one
     # before (a lecture's segments on one worker): per segment its rung, continuation, s, FPS, peak
     chain: list[dict] | None = None
@@ -166,7 +167,15 @@ def bench(
 ) -> tuple[Row, np.ndarray | None]:
     """One row, and the timed segment's last frame. Each segment goes down the ladder."""
     precision = "fp8" if config.fp8 else str(engine.dtype).removeprefix("torch.")
-    chains = "graphs" if config.cuda_graphs else "compiled" if config.compile else "eager"
+    chains = (
+        "overlap"
+        if config.overlap_decode
+        else "graphs"
+        if config.cuda_graphs
+        else "compiled"
+        if config.compile
+        else "eager"
+    )
     row = Row(config.size, precision, chains, clips)
     last = CountingSink()
 
@@ -246,7 +255,7 @@ def bench_orders(
 ) -> tuple[list[OrderRow], dict]:
     """The order rows of one precision, and the segment-start costs (see the module docstring)."""
     base = GenerationConfig.for_output(size, precision).replace(
-        offload_encoders=True, compile=False, cuda_graphs=False
+        offload_encoders=True, compile=False, cuda_graphs=False, overlap_decode=False
     )
     engine.generate(request(base, FRAMES_PER_CLIP, seed=1), CountingSink())  # warm-up
     variants = [
@@ -354,19 +363,23 @@ def run_orders(args, engine: LiveAvatarEngine, device_name: str) -> int:
 
 
 def run_config(size: str, precision: str, chains: str, resident_encoders: bool) -> GenerationConfig:
-    """A row's config: `chains` is eager, compiled or graphs (compiled chains replayed as CUDA graphs)."""
-    if chains not in ("eager", "compiled", "graphs"):
-        raise SystemExit(f"engine_bench: --chains {chains!r}: expected eager, compiled or graphs")
+    """A row's config: `chains` is eager, compiled, graphs (compiled chains replayed as CUDA graphs) or
+    overlap (graphs, the decode on a second stream)."""
+    if chains not in ("eager", "compiled", "graphs", "overlap"):
+        raise SystemExit(f"engine_bench: --chains {chains!r}: expected eager, compiled, graphs or overlap")
     return GenerationConfig.for_output(size, precision).replace(
-        offload_encoders=not resident_encoders, compile=chains != "eager", cuda_graphs=chains == "graphs"
+        offload_encoders=not resident_encoders,
+        compile=chains != "eager",
+        cuda_graphs=chains in ("graphs", "overlap"),
+        overlap_decode=chains == "overlap",
     )
 
 
 def check_backends(device: str | None) -> list[dict]:
     """Every backend against the plain run, tiny random model: offloads exact, fp8/compile close."""
     engine = LiveAvatarEngine(random_weights=True, device=device, tiny=True)
-    # eager, no graphs: offloads and CUDA graphs must match it bit for bit
-    base = GenerationConfig(height=64, width=64, compile=False, cuda_graphs=False)
+    # eager, no graphs, no overlap: offloads, CUDA graphs and the overlapped decode must match it bit for bit
+    base = GenerationConfig(height=64, width=64, compile=False, cuda_graphs=False, overlap_decode=False)
     variants = {
         "plain": base,
         "offload_encoders": base.replace(offload_encoders=True),
@@ -378,7 +391,10 @@ def check_backends(device: str | None) -> list[dict]:
         "compile": base.replace(compile=True),
         "compile_offload_weights": base.replace(compile=True, offload_weights=True),
         "cuda_graphs": base.replace(cuda_graphs=True),
-        "compile_cuda_graphs": base.replace(compile=True, cuda_graphs=True),
+        "overlap_decode": base.replace(overlap_decode=True),
+        "compile_cuda_graphs_overlap_decode": base.replace(
+            compile=True, cuda_graphs=True, overlap_decode=True
+        ),
         "sweep": base.replace(order="sweep"),
         "sweep_offload_kv_cache": base.replace(order="sweep", offload_kv_cache=True),
         "sweep_offload_weights": base.replace(order="sweep", offload_weights=True),
@@ -468,8 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chains",
         default="eager,compiled",
-        help="comma-separated: eager, compiled (torch.compile of the chains), graphs (compiled chains, "
-        "block forwards replayed as CUDA graphs)",
+        help="comma-separated ways to run: eager, compiled (torch.compile of the chains), graphs (compiled "
+        "chains, block forwards replayed as CUDA graphs), overlap (graphs, and each block decoded on a "
+        "second stream while the next block's DiT runs)",
     )
     parser.add_argument(
         "--orders", action="store_true", help="block vs sweep order, streamed weights, starts"
@@ -542,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
                     row.max_diff_vs_eager = int(np.abs(frame.astype(np.int16) - eager_frame).max())
                 if chains == "compiled":
                     compiled_frame = frame
-                elif chains == "graphs" and frame is not None and compiled_frame is not None:
+                elif chains in ("graphs", "overlap") and frame is not None and compiled_frame is not None:
                     row.max_diff_vs_compiled = int(np.abs(frame.astype(np.int16) - compiled_frame).max())
                 rows.append(row)
                 print(json.dumps(asdict(row)), flush=True)

@@ -45,6 +45,8 @@ class GenerationConfig:
     over more blocks, fewer hold less device state (one block's hidden state per block of a group).
     cuda_graphs: replay block forwards as CUDA graphs (same kernels, same pictures, less host work)
     where weights and rings are on the GPU; None lets the engine choose.
+    overlap_decode: decode each block on a second CUDA stream while the next block's DiT runs (same
+    pictures; both steps' working memory at once); None lets the engine choose.
     """
 
     height: int = 704
@@ -58,6 +60,7 @@ class GenerationConfig:
     order: Literal["block", "sweep"] = "block"
     sweep_blocks: int = 64  # 64 blocks: 30.7 s of video, a whole default segment
     cuda_graphs: bool | None = None
+    overlap_decode: bool | None = None
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return dataclasses.replace(self, **changes)

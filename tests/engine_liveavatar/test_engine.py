@@ -132,25 +132,31 @@ def test_compiled_chains_are_the_engines_choice_unless_the_config_says(engine):
     assert diff <= 8, diff  # rounding-level differences only (float32 model: usually none)
 
 
-def test_cuda_graphs_only_where_weights_and_rings_stay_on_a_cuda_device(engine):
-    """None: graphs on CUDA, never with streamed weights or rings; asked for on a CPU: refused, named."""
-    assert engine._graphs(SIZE) is False and engine.parts.dit.graphs is None
-    with pytest.raises(BackendUnavailable, match="cuda_graphs: CUDA graphs need a CUDA device"):
-        run(engine, request(speech(12), config=SIZE.replace(cuda_graphs=True)))
+@pytest.mark.parametrize("knob", ["cuda_graphs", "overlap_decode"])
+def test_graphs_and_decode_overlap_only_on_cuda_with_weights_and_rings_there(engine, knob):
+    """None: on for CUDA, never with streamed weights or rings; asked for on a CPU: refused, named."""
+    assert engine._graphs(SIZE) is False and engine._overlaps(SIZE) is False
+    assert engine.parts.dit.graphs is None
+    with pytest.raises(BackendUnavailable, match=f"{knob}: needs a CUDA device, not cpu"):
+        run(engine, request(speech(12), config=SIZE.replace(**{knob: True})))
     sizes, full = ModelSizes.from_shapes(DiTConfig()), GenerationConfig(height=704, width=384)
-    graphed = estimate_memory(full.replace(cuda_graphs=True), DiTConfig(), sizes).parts
     plain = estimate_memory(full, DiTConfig(), sizes).parts
-    assert graphed.keys() - plain.keys() == {"graph_pool"} and 0.5e9 < graphed["graph_pool"] < 2e9
+    more = estimate_memory(full.replace(**{knob: True}), DiTConfig(), sizes).parts
+    if knob == "cuda_graphs":  # the graphs' pool keeps one block forward's working memory
+        assert more.keys() - plain.keys() == {"graph_pool"} and 0.5e9 < more["graph_pool"] < 2e9
+    else:  # the decode's working memory on top of the DiT's
+        assert more["transient"] > plain["transient"] and more.keys() == plain.keys()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_block_forwards_replayed_as_cuda_graphs_give_the_same_frames(liveavatar_checkpoint):  # noqa: F811
-    """Same kernels replayed: bit-identical frames over a segment and its continuation, and graphs were
-    captured and replayed (every key after the first forward of its structure)."""
+def test_graphs_and_overlapped_decode_give_the_same_frames(liveavatar_checkpoint):  # noqa: F811
+    """Same kernels replayed, the decode on a second stream: bit-identical frames over a segment and its
+    continuation, and graphs were captured and replayed (every key after the first forward of its
+    structure)."""
     engine = LiveAvatarEngine(checkpoint_dir=str(liveavatar_checkpoint), device="cuda")
     outputs = {}
     for graphs in (False, True):
-        config = SIZE.replace(cuda_graphs=graphs)
+        config = SIZE.replace(cuda_graphs=graphs, overlap_decode=graphs)
         first, result = run(engine, request(speech(60), config=config))
         second, _ = run(engine, request(speech(60), config=config, handoff=result.handoff))
         outputs[graphs] = first + second

@@ -156,6 +156,7 @@ class LiveAvatarEngine(Engine):
         self._text: tuple[str, TextContext] | None = None
         self._portraits: OrderedDict[tuple, PortraitState] = OrderedDict()
         self._host_rings: dict[tuple, list[WindowRing]] = {}
+        self._side_stream: torch.cuda.Stream | None = None  # decodes overlapping the DiT (overlap_decode)
         self._kept: KeptRings | None = None
 
     # ----- the Engine contract ------------------------------------------------------------------------
@@ -169,7 +170,7 @@ class LiveAvatarEngine(Engine):
     def memory_parts(self, config: GenerationConfig, num_frames: int | None = None) -> dict[str, int]:
         """The estimate by part (for reports and the benchmark)."""
         blocks = None if num_frames is None else self._blocks(num_frames)
-        config = config.replace(cuda_graphs=self._graphs(config))
+        config = config.replace(cuda_graphs=self._graphs(config), overlap_decode=self._overlaps(config))
         return estimate_memory(config, self.dit_config, self.sizes, self.dtype, blocks).parts
 
     def _blocks(self, num_frames: int) -> int:
@@ -287,6 +288,7 @@ class LiveAvatarEngine(Engine):
             order=order,
             model_signature=self.signature,
             timings=timings,
+            decode_stream=self._decode_stream() if self._overlaps(config) else None,
         )
         frames, state = run.run()
         state = replace(state, state_id=uuid.uuid4().hex)
@@ -393,11 +395,24 @@ class LiveAvatarEngine(Engine):
     def _graphs(self, config: GenerationConfig) -> bool:
         """CUDA graphs of the block forwards: only with weights and rings on the GPU (streamed ones are
         copied in by host-side hooks and side streams, which a graph cannot replay); None: on for CUDA."""
-        on_device = not (config.offload_weights or config.offload_kv_cache)
-        if config.cuda_graphs and self.device.type != "cuda":
-            raise BackendUnavailable("cuda_graphs", f"CUDA graphs need a CUDA device, not {self.device}")
-        wanted = self.device.type == "cuda" if config.cuda_graphs is None else config.cuda_graphs
-        return wanted and on_device
+        return self._cuda_only("cuda_graphs", config.cuda_graphs, config)
+
+    def _overlaps(self, config: GenerationConfig) -> bool:
+        """Decode on a second stream: like graphs, where the first rung's memory is there (the offload
+        rungs exist to save memory, and the overlap holds the DiT's and the decoder's working memory at
+        once); None: on for CUDA."""
+        return self._cuda_only("overlap_decode", config.overlap_decode, config)
+
+    def _cuda_only(self, name: str, asked: bool | None, config: GenerationConfig) -> bool:
+        if asked and self.device.type != "cuda":
+            raise BackendUnavailable(name, f"needs a CUDA device, not {self.device}")
+        wanted = self.device.type == "cuda" if asked is None else asked
+        return wanted and not (config.offload_weights or config.offload_kv_cache)
+
+    def _decode_stream(self) -> torch.cuda.Stream:
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        return self._side_stream
 
     def _reload_dit(self, config: GenerationConfig) -> None:
         """Back from fp8 to the model dtype: the bf16 weights are gone, so read them again, placed as

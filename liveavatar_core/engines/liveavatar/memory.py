@@ -13,7 +13,7 @@ The block loop is the peak phase. What is resident then:
 | step rings: steps x 9 latent frames x fsl x layers x (k, v), or 2 prefetched layers if offloaded | 31.1 GB |
 | rotary tables the DiT keeps for forwards that repeat them (16) | 0.03 GB |
 | CUDA graphs' pool, when block forwards are graphed: one forward's activations, its static inputs | 0.8 GB |
-| transient: a block forward's activations, one latent's VAE decode, or loading's one tensor | ~1-2 GB |
+| transient: a block forward's activations, one block's VAE decode (both with overlap_decode), or loading's one tensor | ~1-2 GB |
 
 Loading puts every weight straight where the first segment's rung wants it (`checkpoint.Placement`),
 one tensor at a time, so the loading peak is the weights plus one tensor's transient copies (the
@@ -161,11 +161,11 @@ def estimate_memory(
     parts["vae_decoder_cache"] = _decoder_state_nbytes(config.height, config.width, dtype, sizes.vae_base_dim)
     if config.cuda_graphs:  # the graphs' pool keeps one block forward's activations, and their inputs
         parts["graph_pool"] = block_activation_bytes(dit, fsl, cond_tokens, b) + 2 * 3 * fsl * dit.dim * b
-    parts["transient"] = max(
-        block_activation_bytes(dit, fsl, cond_tokens, b),
-        decode_workspace_bytes(config.height, config.width, b, sizes.vae_base_dim),
-        load_transient_bytes(dit, b),
-    )
+    block = block_activation_bytes(dit, fsl, cond_tokens, b)
+    decode = decode_workspace_bytes(config.height, config.width, b, sizes.vae_base_dim)
+    # A block decoding on the side stream while the next one's DiT runs: both working sets at once.
+    working = block + decode if config.overlap_decode else max(block, decode)
+    parts["transient"] = max(working, load_transient_bytes(dit, b))
     return MemoryEstimate(parts)
 
 

@@ -14,6 +14,8 @@ Phases of `SegmentRun.run`:
    block is decoded (3 latents in, 12 frames out, no context re-decoded) and written to the sink,
    the last block trimmed to the segment's frame count. Video frame k of the segment shows audio frame
    k: nothing is dropped (the reference drops 3 frames of its first clip while its audio starts at 0).
+   With a `decode_stream` a block is decoded on that second CUDA stream while the next block's DiT
+   runs, and its frames are written once the next block's latents are out (one block later).
 4. **handoff**: the state the next segment starts from.
 
 Randomness is keyed by (seed, clip index): a clip's noise and its sink distances (the reference draws
@@ -24,7 +26,7 @@ earlier, so splitting a lecture differently changes no random draw.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -39,7 +41,7 @@ from .handoff import Handoff, ReplayBlock
 from .kv_cache import CondKVCache
 from .order import BlockWork, DenoisingOrder
 from .scheduler import FlowMatchSchedule
-from .vae import TEMPORAL_STRIDE, StreamingDecoder
+from .vae import TEMPORAL_STRIDE, StreamingDecoder, uint8_frames
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ class SegmentRun:
         order: DenoisingOrder,
         model_signature: str,
         timings: Timings,
+        decode_stream: torch.cuda.Stream | None = None,
     ):
         self.parts = parts
         self.dit = parts.dit
@@ -165,6 +168,7 @@ class SegmentRun:
         self.order = order
         self.timings = timings
         self.signature = model_signature
+        self.decode_stream = decode_stream
         cfg = request.config
         self.schedule = FlowMatchSchedule.distilled(cfg.steps)
         self.block_frames = self.dit.config.block_frames
@@ -243,16 +247,54 @@ class SegmentRun:
         frames_left = self.request.num_frames
         blocks = -(-frames_left // self.frames_per_block)
         frame_indices = [self.next_frame + b * self.block_frames for b in range(blocks)]
+        pending: Callable[[], np.ndarray] | None = None  # the block decoding on the side stream
         for latents in self.order.denoise(self, frame_indices):
-            t0 = _now(self.dit.device)
-            frames = self.decoder.decode_uint8(latents)  # [12, H, W, 3] uint8 on the CPU
+            decoded = self._decode(latents)
             self.history = torch.cat([self.history, latents], dim=2)[:, :, -self.decoder_context :]
-            self.timings.vae += time.perf_counter() - t0
-            n = min(frames_left, frames.shape[0])
-            self.sink.write(frames[:n])
-            frames_left -= n
+            if pending is not None:
+                frames_left = self._write(pending(), frames_left)
+            pending = decoded
+        if pending is not None:
+            self._write(pending(), frames_left)
         self.next_frame += blocks * self.block_frames
         return self.request.num_frames, self._handoff()
+
+    def _decode(self, latents: torch.Tensor) -> Callable[[], np.ndarray]:
+        """Start decoding a block; the returned call gives its uint8 frames [12, H, W, 3] on the host.
+        Without a decode stream that is now; with one the decode is queued behind the block's DiT on
+        the side stream (frames copied into pinned memory) and the call waits for it."""
+        t0 = _now(self.dit.device)
+        stream = self.decode_stream
+        if stream is None:
+            frames = self.decoder.decode_uint8(latents)
+            self.timings.vae += time.perf_counter() - t0
+            return lambda: frames
+        stream.wait_stream(torch.cuda.current_stream(self.dit.device))
+        # Tensors made on the compute stream and read on the side stream: not to be reused before.
+        for t in [latents, *self.decoder.cache]:
+            if isinstance(t, torch.Tensor):
+                t.record_stream(stream)
+        with torch.cuda.stream(stream):
+            pixels = uint8_frames(self.decoder.decode(latents))
+            host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        self.timings.vae += time.perf_counter() - t0
+
+        def frames() -> np.ndarray:
+            t1 = time.perf_counter()
+            done.synchronize()
+            self.timings.vae += time.perf_counter() - t1
+            return host.numpy()
+
+        return frames
+
+    def _write(self, frames: np.ndarray, frames_left: int) -> int:
+        """Write a block's frames, the segment's last block trimmed; returns the frames still to come."""
+        n = min(frames_left, frames.shape[0])
+        self.sink.write(frames[:n])
+        return frames_left - n
 
     # ----- what the denoising order (`order.py`) asks of the segment --------------------------------
 
@@ -360,8 +402,9 @@ def _on_host(block: ReplayBlock) -> ReplayBlock:
 
 
 def _now(device: torch.device) -> float:
+    """The time once the compute stream is done (a decode on the side stream keeps running)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
     return time.perf_counter()
 
 

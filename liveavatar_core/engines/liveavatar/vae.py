@@ -482,13 +482,18 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return (x * 2.0 - 1.0)[None, :, None]
 
 
-def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[1, 3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3], rounding to nearest.
+def uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """[1, 3, n, H, W] in [-1, 1] -> uint8 [n, H, W, 3] where the video is, rounding to nearest.
 
     (The reference truncates, (x + 1) / 2 * 255 cast to uint8, which darkens by half a level on average.)
     """
     x = ((video[0].float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).cpu().numpy()
+    return x.permute(1, 2, 3, 0)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """`uint8_frames` on the host, as numpy."""
+    return uint8_frames(video).cpu().numpy()
 
 
 def decoder_state_nbytes(
@@ -538,4 +543,5 @@ __all__ = [
     "load_vae",
     "original_to_diffusers_key",
     "to_uint8",
+    "uint8_frames",
 ]
