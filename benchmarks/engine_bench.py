@@ -254,9 +254,7 @@ def bench_orders(
     engine: LiveAvatarEngine, size: str, precision: str, clips: int, report
 ) -> tuple[list[OrderRow], dict]:
     """The order rows of one precision, and the segment-start costs (see the module docstring)."""
-    base = GenerationConfig.for_output(size, precision).replace(
-        offload_encoders=True, compile=False, cuda_graphs=False, overlap_decode=False
-    )
+    base = GenerationConfig.for_output(size, precision).replace(offload_encoders=True, compile=False)
     engine.generate(request(base, FRAMES_PER_CLIP, seed=1), CountingSink())  # warm-up
     variants = [
         ("block", False, clips),
@@ -378,8 +376,8 @@ def run_config(size: str, precision: str, chains: str, resident_encoders: bool) 
 def check_backends(device: str | None) -> list[dict]:
     """Every backend against the plain run, tiny random model: offloads exact, fp8/compile close."""
     engine = LiveAvatarEngine(random_weights=True, device=device, tiny=True)
-    # eager, no graphs, no overlap: offloads, CUDA graphs and the overlapped decode must match it bit for bit
-    base = GenerationConfig(height=64, width=64, compile=False, cuda_graphs=False, overlap_decode=False)
+    # eager: offloads, CUDA graphs and the overlapped decode must match it bit for bit
+    base = GenerationConfig(height=64, width=64, compile=False)
     variants = {
         "plain": base,
         "offload_encoders": base.replace(offload_encoders=True),

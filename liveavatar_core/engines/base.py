@@ -44,9 +44,10 @@ class GenerationConfig:
     sweep_blocks: blocks per group in sweep order: more amortise streamed weights and offloaded rings
     over more blocks, fewer hold less device state (one block's hidden state per block of a group).
     cuda_graphs: replay block forwards as CUDA graphs (same kernels, same pictures, less host work)
-    where weights and rings are on the GPU; None lets the engine choose.
+    where weights and rings are on the GPU. Off by default: on an H200 the DiT is GPU-bound and
+    graphs gained 1% (docs/benchmarks.md); a host whose CPU cannot keep up may gain more.
     overlap_decode: decode each block on a second CUDA stream while the next block's DiT runs (same
-    pictures; both steps' working memory at once); None lets the engine choose.
+    pictures; both steps' working memory at once). Off by default: +3% fp8, -10% bf16 on an H200.
     """
 
     height: int = 704
@@ -59,8 +60,8 @@ class GenerationConfig:
     compile: bool | None = None
     order: Literal["block", "sweep"] = "block"
     sweep_blocks: int = 64  # 64 blocks: 30.7 s of video, a whole default segment
-    cuda_graphs: bool | None = None
-    overlap_decode: bool | None = None
+    cuda_graphs: bool = False
+    overlap_decode: bool = False
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return dataclasses.replace(self, **changes)

@@ -65,7 +65,7 @@ from .dit import TextContext
 from .graphs import BlockGraphs
 from .handoff import Handoff
 from .kv_cache import CondKVCache
-from .memory import ModelSizes, cap_device_memory, estimate_memory
+from .memory import ModelSizes, cap_device_memory, estimate_memory, saving_memory
 from .order import make_order
 from .pipeline import (
     Caches,
@@ -80,8 +80,7 @@ from .ring import WindowRing, ring_capacity_frames
 from .rungs import SIDE_MULTIPLE, degrade_ladder, first_fitting
 from .text_encoder import TEXT_LEN
 from .vae import TEMPORAL_STRIDE
-from .vae_decode import DIFFUSERS as DIFFUSERS_DECODE
-from .vae_decode import FAST as FAST_DECODE
+from .vae_decode import decode_options
 
 _PORTRAITS_KEPT = 2  # portrait states cached per engine (a worker serves one or two lectures at a time)
 
@@ -170,7 +169,11 @@ class LiveAvatarEngine(Engine):
     def memory_parts(self, config: GenerationConfig, num_frames: int | None = None) -> dict[str, int]:
         """The estimate by part (for reports and the benchmark)."""
         blocks = None if num_frames is None else self._blocks(num_frames)
-        config = config.replace(cuda_graphs=self._graphs(config), overlap_decode=self._overlaps(config))
+        config = config.replace(
+            compile=self._compiles(config),
+            cuda_graphs=self._graphs(config),
+            overlap_decode=self._overlaps(config),
+        )
         return estimate_memory(config, self.dit_config, self.sizes, self.dtype, blocks).parts
 
     def _blocks(self, num_frames: int) -> int:
@@ -368,8 +371,9 @@ class LiveAvatarEngine(Engine):
             dit.graphs = None
         elif dit.graphs is None or dit.graphs.signature != signature:
             dit.graphs = BlockGraphs(self.device, signature)
-        # The VAE decoder's fast path (vae_decode.py) goes with compiling: rounding-level differences.
-        self.parts.vae.decode_options = FAST_DECODE if self._compiles(config) else DIFFUSERS_DECODE
+        # The VAE decoder's fast path (vae_decode.py) goes with compiling (rounding-level differences),
+        # one latent a call on the rungs that save memory.
+        self.parts.vae.decode_options = decode_options(self._compiles(config), saving_memory(config))
         # Encoders: text runs on the host when offloaded, wav2vec2 visits the device per chunk. The flag
         # is None while a move is under way, so a move an OOM interrupted is redone.
         if config.offload_encoders and self._encoders_resident is not False:
@@ -393,21 +397,19 @@ class LiveAvatarEngine(Engine):
         return self.device.type == "cuda" and compile_problem() is None
 
     def _graphs(self, config: GenerationConfig) -> bool:
-        """CUDA graphs of the block forwards: only with weights and rings on the GPU (streamed ones are
-        copied in by host-side hooks and side streams, which a graph cannot replay); None: on for CUDA."""
+        """CUDA graphs of the block forwards, where asked: only with weights and rings on the GPU (streamed
+        ones are copied in by host-side hooks and side streams, which a graph cannot replay)."""
         return self._cuda_only("cuda_graphs", config.cuda_graphs, config)
 
     def _overlaps(self, config: GenerationConfig) -> bool:
-        """Decode on a second stream: like graphs, where the first rung's memory is there (the offload
-        rungs exist to save memory, and the overlap holds the DiT's and the decoder's working memory at
-        once); None: on for CUDA."""
+        """Decode on a second stream, where asked: not on the rungs that save memory (the overlap holds
+        the DiT's and the decoder's working memory at once)."""
         return self._cuda_only("overlap_decode", config.overlap_decode, config)
 
-    def _cuda_only(self, name: str, asked: bool | None, config: GenerationConfig) -> bool:
+    def _cuda_only(self, name: str, asked: bool, config: GenerationConfig) -> bool:
         if asked and self.device.type != "cuda":
             raise BackendUnavailable(name, f"needs a CUDA device, not {self.device}")
-        wanted = self.device.type == "cuda" if asked is None else asked
-        return wanted and not (config.offload_weights or config.offload_kv_cache)
+        return asked and not saving_memory(config)
 
     def _decode_stream(self) -> torch.cuda.Stream:
         if self._side_stream is None:

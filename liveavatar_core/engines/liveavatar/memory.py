@@ -13,7 +13,7 @@ The block loop is the peak phase. What is resident then:
 | step rings: steps x 9 latent frames x fsl x layers x (k, v), or 2 prefetched layers if offloaded | 31.1 GB |
 | rotary tables the DiT keeps for forwards that repeat them (16) | 0.03 GB |
 | CUDA graphs' pool, when block forwards are graphed: one forward's activations, its static inputs | 0.8 GB |
-| transient: a block forward's activations, one block's VAE decode (both with overlap_decode), or loading's one tensor | ~1-2 GB |
+| transient: a block forward's activations, one VAE decoder call (4 latents on the compiled fast path; both with overlap_decode), or loading's one tensor | ~1-5 GB |
 
 Loading puts every weight straight where the first segment's rung wants it (`checkpoint.Placement`),
 one tensor at a time, so the loading peak is the weights plus one tensor's transient copies (the
@@ -44,6 +44,7 @@ from .ring import ring_capacity_frames
 from .rope import ROPE_TABLES_KEPT
 from .text_encoder import TextEncoderConfig
 from .vae import decoder_state_nbytes
+from .vae_decode import DIFFUSERS, DecodeOptions, decode_options
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,11 @@ class MemoryEstimate:
         return sum(self.parts.values())
 
 
+def saving_memory(config: GenerationConfig) -> bool:
+    """Whether `config` is one of the ladder's memory-saving rungs (weights or rings off the GPU)."""
+    return config.offload_weights or config.offload_kv_cache
+
+
 def estimate_memory(
     config: GenerationConfig,
     dit: DiTConfig,
@@ -162,7 +168,8 @@ def estimate_memory(
     if config.cuda_graphs:  # the graphs' pool keeps one block forward's activations, and their inputs
         parts["graph_pool"] = block_activation_bytes(dit, fsl, cond_tokens, b) + 2 * 3 * fsl * dit.dim * b
     block = block_activation_bytes(dit, fsl, cond_tokens, b)
-    decode = decode_workspace_bytes(config.height, config.width, b, sizes.vae_base_dim)
+    decoding = decode_options(bool(config.compile), saving_memory(config))
+    decode = decode_workspace_bytes(config.height, config.width, b, sizes.vae_base_dim, decoding)
     # A block decoding on the side stream while the next one's DiT runs: both working sets at once.
     working = block + decode if config.overlap_decode else max(block, decode)
     parts["transient"] = max(working, load_transient_bytes(dit, b))
@@ -207,10 +214,17 @@ def cap_device_memory(device: torch.device, budget_bytes: int | None) -> float |
     return fraction
 
 
-def decode_workspace_bytes(height: int, width: int, b: int, base_dim: int = 96) -> int:
-    """One latent through the VAE decoder: at full resolution, 4 frames of `base_dim` channels; a causal
-    conv holds its input with 2 cached frames prepended, its output, and a float32 norm in between."""
+def decode_workspace_bytes(
+    height: int, width: int, b: int, base_dim: int = 96, options: DecodeOptions = DIFFUSERS
+) -> int:
+    """One VAE decoder call at full resolution (frames of `base_dim` channels). diffusers' loop takes one
+    latent (4 frames): a causal conv holds its input with 2 cached frames prepended, its output, and a
+    float32 norm in between. The fused path (`vae_decode`) takes up to `options.chunk` latents a call
+    and holds about six model-dtype copies of their frames (4.6 GiB at 704x384 in bf16 with 4 latents:
+    calibrated on the measured peaks of docs/benchmarks.md, issue 12 round 4)."""
     frame = base_dim * height * width
+    if options.fused:
+        return options.chunk * 4 * frame * 6 * b
     return frame * (6 * b + 4 * b + 4 * 4)
 
 
@@ -221,5 +235,6 @@ __all__ = [
     "ModelSizes",
     "block_activation_bytes",
     "decode_workspace_bytes",
+    "saving_memory",
     "estimate_memory",
 ]
