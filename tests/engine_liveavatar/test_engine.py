@@ -23,6 +23,7 @@ from liveavatar_core.engines.liveavatar.kv_cache import CondKVCache, RingKVCache
 from liveavatar_core.engines.liveavatar.memory import ModelSizes, estimate_memory
 from liveavatar_core.engines.liveavatar.ring import WindowRing, ring_capacity_frames
 from liveavatar_core.engines.liveavatar.rungs import degrade_ladder, fit_area
+from liveavatar_core.engines.liveavatar.vae import StreamingDecoder
 from liveavatar_core.engines.warmup import warm_up
 from liveavatar_core.errors import InputError, OutOfMemory
 from liveavatar_core.timebase import SAMPLES_PER_FRAME
@@ -184,14 +185,22 @@ def test_warm_up_runs_a_fresh_and_a_continued_segment_and_changes_no_later_outpu
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
 
-def test_two_segments_with_the_handoff_equal_one_segment(engine, local_features):
+def test_two_segments_with_the_handoff_equal_one_segment(engine, local_features, monkeypatch):
+    """The kept state continues without re-priming the decoder; the replay primes a fresh one."""
+    primes = []
+    prime = StreamingDecoder.prime
+    monkeypatch.setattr(
+        StreamingDecoder, "prime", lambda self, z: (primes.append(z.shape[2]), prime(self, z))
+    )
     audio = speech(96, seed=3)
     whole, _ = run(engine, request(audio))
     cut = 48 * SAMPLES_PER_FRAME
     first, state = run(engine, request(audio[:cut]))
     payload = Handoff.from_bytes(state.handoff).to_bytes()  # through bytes, as between workers
+    primes.clear()
     second, result = run(engine, request(audio[cut:], handoff=payload))
     assert result.details["handoff_in"] == "continued" and result.details["continuation"] == "kept state"
+    assert primes == []
     joined = first + second
     assert len(joined) == len(whole) == 96
     assert all(np.array_equal(a, b) for a, b in zip(joined, whole, strict=True))
@@ -200,6 +209,7 @@ def test_two_segments_with_the_handoff_equal_one_segment(engine, local_features)
     run(engine, request(speech(12, seed=4)))
     second, result = run(engine, request(audio[cut:], handoff=payload))
     assert result.details["continuation"] == "replay" and result.details["replayed_blocks"] == 4
+    assert len(primes) == 1  # the replay's fresh decoder, primed with the handoff's latents
     assert all(np.array_equal(a, b) for a, b in zip(first + second, whole, strict=True))
 
 

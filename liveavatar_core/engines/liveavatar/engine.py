@@ -79,19 +79,21 @@ from .pipeline import (
 from .ring import WindowRing, ring_capacity_frames
 from .rungs import SIDE_MULTIPLE, degrade_ladder, first_fitting
 from .text_encoder import TEXT_LEN
-from .vae import TEMPORAL_STRIDE
+from .vae import TEMPORAL_STRIDE, StreamingDecoder
 from .vae_decode import decode_options
 
 _PORTRAITS_KEPT = 2  # portrait states cached per engine (a worker serves one or two lectures at a time)
 
 
 @dataclass
-class KeptRings:
-    """The step rings a segment ended with, kept for the segment that continues its handoff."""
+class KeptState:
+    """The step rings and decoder stream a segment ended with, kept for the segment that continues its
+    handoff (so it neither replays the rings nor re-primes the decoder)."""
 
     state_id: str
     key: tuple  # (latent h, latent w, steps, rings on the host): what they fit
     rings: list
+    decoder: StreamingDecoder
 
 
 class LiveAvatarEngine(Engine):
@@ -156,7 +158,7 @@ class LiveAvatarEngine(Engine):
         self._portraits: OrderedDict[tuple, PortraitState] = OrderedDict()
         self._host_rings: dict[tuple, list[WindowRing]] = {}
         self._side_stream: torch.cuda.Stream | None = None  # decodes overlapping the DiT (overlap_decode)
-        self._kept: KeptRings | None = None
+        self._kept: KeptState | None = None
 
     # ----- the Engine contract ------------------------------------------------------------------------
 
@@ -295,7 +297,7 @@ class LiveAvatarEngine(Engine):
         )
         frames, state = run.run()
         state = replace(state, state_id=uuid.uuid4().hex)
-        self._kept = KeptRings(state.state_id, _rings_key(config, h, w), caches.rings)
+        self._kept = KeptState(state.state_id, _rings_key(config, h, w), caches.rings, run.decoder)
         payload = state.to_bytes()
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
         details = {
@@ -528,7 +530,7 @@ class LiveAvatarEngine(Engine):
         elif not rings_fit:
             continuation = "no rings"
         elif kept is not None and handoff.state_id == kept.state_id and kept.key == _rings_key(config, h, w):
-            return Caches(cond, kept.rings), "kept state"
+            return Caches(cond, kept.rings, kept.decoder), "kept state"
         else:
             continuation = "replay"
         del kept  # its device rings are free before new ones are allocated

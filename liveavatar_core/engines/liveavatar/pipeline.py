@@ -5,9 +5,9 @@ Phases of `SegmentRun.run`:
 1. **conditioning**: the prompt's cross-attention K/V (cached by prompt, once per job), the audio
    features (wav2vec2 in bounded chunks, pulled as blocks need them), and the sink inputs: from the
    portrait for an independent segment (cached per portrait), else from the handoff.
-2. **state**: the cond (sink) K/V cache from one sink forward; the step rings as the previous segment
-   left them (kept by the engine), else empty and refilled by replaying the handoff's last blocks; a
-   fresh VAE decoder stream primed with the latents it had seen.
+2. **state**: the cond (sink) K/V cache from one sink forward; the step rings and the VAE decoder
+   stream as the previous segment left them (kept by the engine), else empty rings refilled by replaying
+   the handoff's last blocks and a fresh decoder stream primed with the latents it had seen.
 3. **blocks**: for each 3-latent-frame block (12 video frames): `steps` DiT forwards over only the
    block's tokens, each against its own step's ring, with Euler steps in float32 between them, in the
    order `order.py` runs them (block after block, or step-major sweeps); then, in block order, each
@@ -88,10 +88,12 @@ class PortraitState:
 
 @dataclass
 class Caches:
-    """Per-attempt device state: the cond cache and one ring per step (rings may live on the host)."""
+    """Per-attempt device state: the cond cache and one ring per step (rings may live on the host), and
+    the decoder stream the previous segment ended with when its state was kept (else None)."""
 
     cond: CondKVCache
     rings: list = field(default_factory=list)
+    decoder: StreamingDecoder | None = None
 
 
 def decoder_context_latents(decoder: torch.nn.Module) -> int:
@@ -231,7 +233,12 @@ class SegmentRun:
         self.motion = s.motion_latents.to(device)
         self.sink_latent = None if s.sink_latent is None else s.sink_latent.to(device)
         self.history = s.decoder_latents.to(device)
-        self.decoder.prime(self.history)
+        kept, self.caches.decoder = self.caches.decoder, None
+        if self.continuation == "kept state" and kept is not None and kept.options == self.decoder.options:
+            self.decoder = kept  # as the previous segment left it: the same state, no re-prime
+        else:
+            del kept
+            self.decoder.prime(self.history)
         self.next_frame = s.next_frame
         rings_continue = self.continuation in ("replay", "kept state")
         self.window = list(s.replay) if rings_continue else []
