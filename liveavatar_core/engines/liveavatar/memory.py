@@ -165,9 +165,9 @@ def estimate_memory(
         parts["sweep_state"] = sweep_state_bytes(dit, h, w, group, b)
     parts["rope_tables"] = ROPE_TABLES_KEPT * max(dit.block_frames * fsl, cond_tokens) * dit.head_dim * 4
     parts["vae_decoder_cache"] = _decoder_state_nbytes(config.height, config.width, dtype, sizes.vae_base_dim)
-    if config.cuda_graphs:  # the graphs' pool keeps one block forward's activations, and their inputs
-        parts["graph_pool"] = block_activation_bytes(dit, fsl, cond_tokens, b) + 2 * 3 * fsl * dit.dim * b
     block = block_activation_bytes(dit, fsl, cond_tokens, b)
+    if config.cuda_graphs:  # the graphs' pool keeps one block forward's activations, and their inputs
+        parts["graph_pool"] = block + 2 * dit.block_frames * fsl * dit.dim * b
     decoding = decode_options(bool(config.compile), saving_memory(config))
     decode = decode_workspace_bytes(config.height, config.width, b, sizes.vae_base_dim, decoding)
     # A block decoding on the side stream while the next one's DiT runs: both working sets at once.
