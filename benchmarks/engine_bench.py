@@ -5,7 +5,8 @@ compiled element-wise chains, `chains.py`; graphs: compiled, block forwards repl
 `graphs.py`; overlap: graphs, each block decoded on a second stream): a warm-up segment (one clip: the prompt
 encode, the portrait encode and first-call costs, reported as "cold"), then a timed segment of
 `--clips` 48-frame clips from the same portrait (steady state), then a one-clip segment continued from
-the timed one's handoff (the cost of starting from a handoff: ring replay and decoder re-prime).
+the timed one's handoff (the cost of starting from a handoff: on the same engine the kept rings and
+decoder, so only the sink forward; elsewhere ring replay and decoder re-prime).
 Reported per clip: seconds end to end and FPS (audio features, DiT, VAE decode included), and each of
 those three separately; peak GPU memory (torch.cuda.max_memory_allocated) against the engine's estimate;
 for compiled rows, how far the timed segment's last frame is from the eager row's (uint8 levels).
