@@ -9,7 +9,8 @@ the timed one's handoff (the cost of starting from a handoff: on the same engine
 decoder, so only the sink forward; elsewhere ring replay and decoder re-prime).
 Reported per clip: seconds end to end and FPS (audio features, DiT, VAE decode included), and each of
 those three separately; peak GPU memory (torch.cuda.max_memory_allocated) against the engine's estimate;
-for compiled rows, how far the timed segment's last frame is from the eager row's (uint8 levels).
+for compiled rows, how far the timed segment's last frame is from the eager row's (uint8 levels), and
+for fp8 rows, from the bf16 row's.
 
 `--orders` measures the denoising orders instead (`order.py`), at the first area, eager chains: per
 precision a warm-up clip, then the same `--clips`-clip segment in block order, in sweep order, in
@@ -152,6 +153,9 @@ class Row:
     handoff_mib: float = 0.0
     max_diff_vs_eager: int | None = None  # last frame of the timed segment, uint8 levels
     max_diff_vs_compiled: int | None = None  # graphs/overlap rows: the same against the compiled row
+    # fp8 rows: the same frame against the bf16 row of the same area and chains (max, mean levels)
+    max_diff_vs_bf16: int | None = None
+    mean_diff_vs_bf16: float | None = None
     # --segments N: the timed segment, then N - 1 more of as many clips, each continued from the one
     # before (a lecture's segments on one worker): per segment its rung, continuation, s, FPS, peak
     chain: list[dict] | None = None
@@ -427,8 +431,8 @@ def markdown(rows: list[Row], device: str, checks: list[dict] | None) -> str:
         "",
         "| weights | cap GiB | area | precision | chains | rung | load s | load peak GiB | s / clip | FPS "
         "| DiT s / clip | VAE s / clip | cold 1st clip s | continue overhead s | continuation | peak GiB "
-        "| estimate GiB | estimate error | max diff vs eager | max diff vs compiled |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| estimate GiB | estimate error | max diff vs eager | max diff vs compiled | diff vs bf16 max / mean |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         head = (
@@ -436,7 +440,7 @@ def markdown(rows: list[Row], device: str, checks: list[dict] | None) -> str:
             f"| {r.chains} | {r.rung} | {r.load_seconds:.0f} | {r.load_peak_gib:.1f} "
         )
         if r.status != "ok":
-            lines.append(head + f"| {r.status} |  |  |  |  |  |  |  |  |  |  |")
+            lines.append(head + f"| {r.status} |  |  |  |  |  |  |  |  |  |  |  |")
             continue
         lines.append(
             head + f"| {r.seconds_per_clip:.2f} | {r.fps:.1f} | {r.dit_seconds_per_clip:.2f} "
@@ -444,7 +448,8 @@ def markdown(rows: list[Row], device: str, checks: list[dict] | None) -> str:
             f"| {r.continue_overhead_seconds:.2f} | {r.continuation} | {r.peak_gib:.1f} | {r.estimate_gib:.1f} "
             f"| {100 * r.estimate_error:+.1f}% "
             f"| {'' if r.max_diff_vs_eager is None else r.max_diff_vs_eager} "
-            f"| {'' if r.max_diff_vs_compiled is None else r.max_diff_vs_compiled} |"
+            f"| {'' if r.max_diff_vs_compiled is None else r.max_diff_vs_compiled} "
+            f"| {'' if r.max_diff_vs_bf16 is None else f'{r.max_diff_vs_bf16} / {r.mean_diff_vs_bf16}'} |"
         )
     for r in rows:
         if r.chain:
@@ -542,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.orders:
         return run_orders(args, engine, device_name)
     rows: list[Row] = []
+    bf16_frames: dict[tuple[str, str], np.ndarray] = {}
     for precision in precisions:  # bf16 before fp8: going back from fp8 reloads
         for size in sizes:
             eager_frame = compiled_frame = None
@@ -560,6 +566,14 @@ def main(argv: list[str] | None = None) -> int:
                     compiled_frame = frame
                 elif chains in ("graphs", "overlap") and frame is not None and compiled_frame is not None:
                     row.max_diff_vs_compiled = int(np.abs(frame.astype(np.int16) - compiled_frame).max())
+                if precision == "bf16" and frame is not None:
+                    bf16_frames[size, chains] = frame
+                elif frame is not None and (size, chains) in bf16_frames:
+                    diff = np.abs(frame.astype(np.int16) - bf16_frames[size, chains])
+                    row.max_diff_vs_bf16, row.mean_diff_vs_bf16 = (
+                        int(diff.max()),
+                        round(float(diff.mean()), 3),
+                    )
                 rows.append(row)
                 print(json.dumps(asdict(row)), flush=True)
     engine_weights = f"{engine.parts.weights} (full size)"

@@ -16,6 +16,7 @@ from liveavatar_core.engines.base import GenerationConfig, SegmentRequest
 from liveavatar_core.engines.ladder import generate_with_ladder
 from liveavatar_core.engines.liveavatar import LiveAvatarEngine
 from liveavatar_core.engines.liveavatar.backends import BackendUnavailable, Fp8Linear, apply_fp8
+from liveavatar_core.engines.liveavatar.chains import quantise_rows
 from liveavatar_core.engines.liveavatar.checkpoint import random_init
 from liveavatar_core.engines.liveavatar.config import DiTConfig
 from liveavatar_core.engines.liveavatar.handoff import Handoff, HandoffError, ReplayBlock
@@ -512,6 +513,24 @@ def test_fp8_linear_is_close_to_the_float_linear():
     assert fp8.weight.dtype == torch.float8_e4m3fn and fp8.weight.shape == (32, 64)
     error = (fp8(x) - linear(x)).norm() / linear(x).norm()
     assert error < 0.06
+    assert torch.equal(fp8(quantise_rows(x)), fp8(x))  # rows a chain stored are what it would quantise
+
+
+def test_fp8_scales_each_token_and_each_output_channel_on_its_own():
+    """A loud token or a large weight row must not flush the quiet ones to zero, as one scale per
+    tensor would (1e-6 of the largest value is below e4m3's smallest step: error 0.35 here)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        linear.weight[3] *= 1e6
+    x = torch.randn(6, 64)
+    x[2] *= 1e6
+    fp8 = Fp8Linear.from_linear(linear)
+    assert fp8.weight_scale.shape == (1, 32)
+    error = (fp8(x) - linear(x)).abs()
+    # Each output's error against the size its token and weight row allow (|x_t|·|w_c|): 0.011 here.
+    size = x.norm(dim=1, keepdim=True) * linear.weight.norm(dim=1)
+    assert (error / size).max() < 0.03
 
 
 def test_fp8_converts_the_block_linears_only_and_the_dit_still_predicts():

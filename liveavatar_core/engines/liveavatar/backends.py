@@ -3,8 +3,9 @@ offload, torch.compile. Each is chosen by name and raises `BackendUnavailable` (
 the device cannot run it.
 
 * fp8: the blocks' linear layers (attention q/k/v/o, FFN, audio injectors) become `Fp8Linear`, e4m3
-  weights with one float32 scale per tensor, activations quantised per call with one scale per tensor,
-  multiplied by `torch._scaled_mm`. Embeddings, time MLPs, the head and the audio encoder stay as they
+  weights with one float32 scale per output channel, activations in e4m3 with one scale per token
+  (quantised by the chain that produces them, `chains.Fp8Rows`, or per call), multiplied by
+  `torch._scaled_mm` with row-wise scales. Embeddings, time MLPs, the head and the audio encoder stay as they
   are (as in the reference). Applied after the LoRA merge, since it quantises the merged weights.
 * weight offload: every block's weights live in pinned host memory; two GPU slots hold the block being
   computed and the next one, copied on a side stream while the current block runs.
@@ -15,7 +16,6 @@ the device cannot run it.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ...errors import LiveAvatarError, OutOfMemory
-from .chains import EAGER, FP8, FP8_MAX, Chains, compiled_chains, use_chains
+from .chains import EAGER, FP8, FP8_MAX, Fp8Rows, compiled_chains, use_chains
 from .kv_cache import RingKVCache
 
 # Linear layers inside the blocks that fp8 converts, by their last name parts (all 40 blocks).
@@ -52,10 +52,14 @@ _FP8_PROBES: dict[str, str | None] = {}
 
 
 def _probe_fp8(device: torch.device) -> None:
-    """One tiny e4m3 matmul on `device` (raises when it cannot run)."""
+    """One tiny e4m3 matmul as `Fp8Linear` runs it (row-wise scales, a bias) on `device`; raises
+    when it cannot run."""
     a = torch.ones(16, 16, device=device).to(FP8)
-    one = torch.ones((), device=device)
-    torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    rows, columns = torch.ones(16, 1, device=device), torch.ones(1, 16, device=device)
+    bias = torch.zeros(16, device=device, dtype=torch.bfloat16)
+    torch._scaled_mm(
+        a, a.t(), scale_a=rows, scale_b=columns, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True
+    )
 
 
 def fp8_problem(device: torch.device) -> str | None:
@@ -101,15 +105,25 @@ def require(backend: str, problem: str | None) -> None:
 
 
 class Fp8Linear(nn.Module):
-    """y = x W^T + b with W in e4m3 (one scale per tensor) and x quantised per call (one scale)."""
+    """y = x W^T + b with W in e4m3, one scale per output channel, and x in e4m3, one scale per token.
+
+    x is either a tensor (quantised here) or `Fp8Rows` a chain already stored quantised."""
 
     chains = EAGER
+    takes_fp8_rows = True  # the chains feeding it store their result quantised (`layers.input_dtype`)
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.out_dtype = out_dtype  # the float linear's dtype: what the layer returns
         self.register_buffer("weight", weight)  # float8_e4m3fn [out, in]
-        self.register_buffer("weight_scale", weight_scale)  # float32 [], dequantisation factor
+        self.register_buffer("weight_scale", weight_scale)  # float32 [1, out], dequantisation factors
         self.register_buffer("bias", bias)
 
     @classmethod
@@ -118,26 +132,27 @@ class Fp8Linear(nn.Module):
         w = linear.weight.detach()
         q, scale = quantise_weight(w.to(work_device or w.device))
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(q.to(w.device), scale.to(w.device), bias)
+        return cls(q.to(w.device), scale.to(w.device), bias, w.dtype)
 
     @classmethod
     def empty_like(cls, linear: nn.Linear) -> Fp8Linear:
         """Uninitialised buffers of `linear`'s shape on its device (meta, for `checkpoint.build_placed`)."""
         w = linear.weight
         bias = None if linear.bias is None else torch.empty_like(linear.bias)
-        return cls(torch.empty(w.shape, dtype=FP8, device=w.device), torch.empty((), device=w.device), bias)
+        scale = torch.empty((1, w.shape[0]), device=w.device)
+        return cls(torch.empty(w.shape, dtype=FP8, device=w.device), scale, bias, w.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        xq, scale = _quantise_activation(x, self.in_features, self.chains)
-        fused_bias = self.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        rows = x if isinstance(x, Fp8Rows) else self.chains.quantise_rows(x)
+        shape = rows.values.shape
+        fused_bias = self.bias is not None and self.out_dtype in (torch.bfloat16, torch.float16)
         out = torch._scaled_mm(
-            xq,
+            rows.values.reshape(-1, self.in_features),
             self.weight.t(),  # column-major view of the row-major weight, as _scaled_mm wants
-            scale_a=scale,
+            scale_a=rows.scale.reshape(-1, 1),
             scale_b=self.weight_scale,
-            bias=self.bias.to(x.dtype) if fused_bias else None,
-            out_dtype=x.dtype,
+            bias=self.bias.to(self.out_dtype) if fused_bias else None,
+            out_dtype=self.out_dtype,
             use_fast_accum=True,
         )
         if self.bias is not None and not fused_bias:
@@ -145,33 +160,13 @@ class Fp8Linear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
 
-class _LastQuantised:
-    """The most recent activation quantisation: q, k and v (and an injector's k and v) project the
-    same tensor one after another, so it is quantised once, not three times. Holds only a weak
-    reference to the input; the tensor's version counter tells an in-place change."""
-
-    source: weakref.ref | None = None
-    version = -1
-    result: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-def _quantise_activation(x: torch.Tensor, features: int, chains: Chains) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., features] -> (e4m3 [tokens, features], float32 per-tensor scale)."""
-    last = _LastQuantised
-    if last.source is not None and last.source() is x and last.version == x._version:
-        return last.result
-    xq, scale = chains.quantise(x.reshape(-1, features))
-    last.source, last.version, last.result = weakref.ref(x), x._version, (xq, scale)
-    return xq, scale
-
-
 def quantise_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 weight, float32 dequantisation scale) with one scale per tensor, on `w`'s device. One
-    float32 copy of `w` is the only transient (scaled and clamped in place)."""
-    scale = w.abs().amax().float().clamp(min=1e-12) / FP8_MAX
+    """(e4m3 weight, float32 dequantisation scales [1, out]) with one scale per output channel, on
+    `w`'s device. One float32 copy of `w` is the only transient (scaled and clamped in place)."""
+    scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [out, 1]
     w32 = w.to(torch.float32, copy=True)
     w32.div_(scale).clamp_(-FP8_MAX, FP8_MAX)
-    return w32.to(FP8), scale
+    return w32.to(FP8), scale.reshape(1, -1)
 
 
 def fp8_linear_names(model: nn.Module) -> list[str]:

@@ -12,6 +12,10 @@ Eager chains compute exactly what the reference computes. Compiled ones may cont
 one FMA, so a float32 intermediate can differ by rounding before it is stored (about 1 ulp of bf16
 in a few elements).
 
+A chain whose result feeds an fp8 linear is called with `dtype=FP8` and stores that result as e4m3
+with one scale per token (`Fp8Rows`): compiled, the quantisation is part of the kernel that computes
+the result, instead of a bf16 write, an amax pass and a divide pass per linear input.
+
 A module that runs chains has a `chains` attribute (class default `EAGER`); `use_chains(model, ...)`
 switches a whole model.
 """
@@ -20,12 +24,44 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .rope import RopeTable, apply_rope
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+
+class Fp8Rows(NamedTuple):
+    """An fp8 linear's input, quantised: e4m3 values [..., features] and float32 scales [..., 1], one
+    per token (row), so that values · scale is the activation."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+
+
+Stored = torch.Tensor | Fp8Rows  # what a chain stores: a tensor in `dtype`, or e4m3 rows for FP8
+
+
+def quantise_rows(x: torch.Tensor) -> Fp8Rows:
+    """x [..., features] (any float dtype) -> e4m3 rows, each scaled by its own max |x| / 448.
+
+    The row maxima are one reduction (no |x| copy) and the division is in float32. No clamp before
+    the cast: |x| / scale <= 448 up to rounding, and e4m3 rounds everything below 464 to at most 448
+    (only inf/nan inputs would differ)."""
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True)
+    scale = amax.float().clamp(min=1e-12) / FP8_MAX
+    return Fp8Rows((x / scale).to(FP8), scale)
+
+
+def store(x: torch.Tensor, dtype: torch.dtype) -> Stored:
+    """x rounded to `dtype`, or quantised to e4m3 rows for FP8."""
+    return quantise_rows(x) if dtype == FP8 else x.to(dtype)
+
 
 # --- primitives (also used on their own by the layers) ---
 
@@ -48,13 +84,13 @@ def layer_norm32(
     return F.layer_norm(x.float(), shape, weight, bias, eps).to(x.dtype)
 
 
-def scale_shift(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """x * scale + shift in float32, rounded once to `dtype` as it is stored.
+def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> Stored:
+    """x * scale + shift in float32, rounded once to `dtype` as it is stored (`Fp8Rows` for FP8).
 
     x may be bf16: multiplying by the float32 scale promotes it exactly inside the kernel, so this is
     `(x.float() * scale + shift).to(dtype)` bit for bit, in two kernels instead of four."""
+    if dtype == FP8:
+        return quantise_rows(x * scale + shift)
     return torch.add(x * scale, shift, out=torch.empty(x.shape, dtype=dtype, device=x.device))
 
 
@@ -73,12 +109,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def modulated_norm(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype
-) -> torch.Tensor:
+) -> Stored:
     """Layer norm (no affine, rounded to x's dtype), then `· (1 + scale) + shift` in float32, stored
     as `dtype`. x [B, N, dim] holds G groups (latent frames) of tokens; shift/scale float32 [B, G, 1, dim]."""
     b, n, dim = x.shape
     normed = layer_norm32(x, None, None, eps).reshape(b, shift.shape[1], -1, dim)
-    return scale_shift(normed, 1 + scale, shift, dtype).reshape(b, n, dim)
+    out = scale_shift(normed, 1 + scale, shift, dtype)
+    if isinstance(out, Fp8Rows):
+        return Fp8Rows(out.values.reshape(b, n, dim), out.scale.reshape(b, n, 1))
+    return out.reshape(b, n, dim)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -96,11 +135,12 @@ def residual_then_norm(
     weight: torch.Tensor,
     bias: torch.Tensor,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, Stored]:
     """After self-attention: the float32 residual stream x + y·gate, and its affine layer norm taken
-    from the stream rounded to x's dtype (the text attention's input)."""
+    from the stream rounded to x's dtype (the text attention's input), stored as `dtype`."""
     x32 = gated_residual(x, y, gate, torch.float32)
-    return x32, layer_norm32(x32.to(x.dtype), weight, bias, eps)
+    return x32, store(layer_norm32(x32.to(x.dtype), weight, bias, eps), dtype)
 
 
 def add_then_modulated_norm(
@@ -110,7 +150,7 @@ def add_then_modulated_norm(
     scale: torch.Tensor,
     eps: float,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, Stored]:
     """After text attention: the float32 stream x32 + y, and its modulated norm (the FFN's input)."""
     x32 = x32 + y
     return x32, modulated_norm(x32, shift, scale, eps, dtype)
@@ -124,7 +164,7 @@ def rms_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, table: RopeTable
 
 def ada_norm(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype
-) -> torch.Tensor:
+) -> Stored:
     """The audio injector's norm: float32 layer norm of x [G, S, dim], `· (1 + scale) + shift` with
     1 + scale formed in the projection's dtype, as the official model does; shift/scale [G, dim]."""
     gain = (1 + scale).float()
@@ -132,29 +172,21 @@ def ada_norm(
     return scale_shift(normed, gain[:, None], shift.float()[:, None], dtype)
 
 
-def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def merge_attention(outs: list[torch.Tensor], lses: list[torch.Tensor], dtype: torch.dtype) -> Stored:
     """Attention over several key sets from each set's own attention: outs [B, H, Nq, D] and their
-    log-sum-exps float32 [B, H, Nq] -> [B, Nq, H, D] in `dtype`, weighted in float32."""
+    log-sum-exps float32 [B, H, Nq] -> [B, Nq, H, D] in `dtype`, weighted in float32 (for FP8: rows
+    [B, Nq, H·D], the output projection's input)."""
     total = torch.logsumexp(torch.stack(lses), dim=0)
     merged = outs[0].float() * torch.exp(lses[0] - total).unsqueeze(-1)
     for out, lse in zip(outs[1:], lses[1:], strict=True):
         merged = merged + out.float() * torch.exp(lse - total).unsqueeze(-1)
-    return merged.transpose(1, 2).to(dtype)
+    merged = merged.transpose(1, 2)
+    return quantise_rows(merged.flatten(2)) if dtype == FP8 else merged.to(dtype)
 
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
-
-
-def quantise(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[tokens, features] -> (e4m3 values, float32 per-tensor scale).
-
-    The infinity norm is max |x| in one reduction (no |x| copy). No clamp before the cast:
-    |x| / scale <= 448·(1 + 2^-8) even with the scale rounded to x's dtype, and e4m3 rounds
-    everything below 464 to at most 448 (only inf/nan inputs would differ, and clamp keeps nan)."""
-    amax = torch.linalg.vector_norm(x2, ord=float("inf"))
-    scale = amax.float().clamp(min=1e-12) / FP8_MAX
-    return (x2 / scale.to(x2.dtype)).to(FP8), scale
+def gelu(x: torch.Tensor, dtype: torch.dtype) -> Stored:
+    """The FFN's tanh GELU (in x's dtype, as the reference's `nn.GELU`), stored as `dtype`."""
+    return store(F.gelu(x, approximate="tanh"), dtype)
 
 
 _CHAINS: dict[str, Callable] = {
@@ -169,7 +201,8 @@ _CHAINS: dict[str, Callable] = {
         apply_rope,
         ada_norm,
         merge_attention,
-        quantise,
+        gelu,
+        quantise_rows,
     )
 }
 
@@ -206,4 +239,4 @@ def use_chains(model: nn.Module, chains: Chains) -> None:
             module.chains = chains
 
 
-__all__ = ["EAGER", "FP8", "FP8_MAX", "Chains", "compiled_chains", "use_chains"]
+__all__ = ["EAGER", "FP8", "FP8_MAX", "Chains", "Fp8Rows", "compiled_chains", "quantise_rows", "use_chains"]

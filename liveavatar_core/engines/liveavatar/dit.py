@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .chains import EAGER
+from .chains import EAGER, Stored
 from .config import DiTConfig
 from .dit_audio import AudioInjector, AudioTokens, CausalAudioEncoder
 from .framepack import FramePack
 from .graphs import BlockGraphs
 from .kv_cache import CondKVCache, RingKVCache, contiguous_runs
-from .layers import Attention, LayerNorm32, attend, attend_parts, sinusoidal_embedding
+from .layers import Attention, LayerNorm32, attend, attend_parts, input_dtype, sinusoidal_embedding
 from .rope import (
     ROPE_TABLES_KEPT,
     RopeTable,
@@ -115,40 +115,46 @@ class DiTBlock(nn.Module):
         (ring cache), without in sink mode (cond cache)."""
         mod = (self.modulation.float().unsqueeze(0) + t_mod).unsqueeze(3)  # [B, G, 6, 1, dim]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)  # [B, G, 1, dim] each
-        chains, eps = self.chains, self.norm1.eps
+        chains, eps, dtype = self.chains, self.norm1.eps, x.dtype
+        attn, text_attn, (up, _, down) = self.self_attn, self.cross_attn, self.ffn
+        # Each chain stores its result as the linear it feeds takes it (e4m3 rows for fp8, see chains.py).
 
         # Self-attention; the residual stream is float32 inside the block.
-        h = chains.modulated_norm(x, shift1, scale1, eps, x.dtype)
-        y, k, v = self._self_attention(h, rope, context)
+        h = chains.modulated_norm(x, shift1, scale1, eps, input_dtype(attn.q, x))
+        y, k, v = self._self_attention(h, dtype, rope, context)
         norm3 = self.norm3
-        x32, h = chains.residual_then_norm(x, y, gate1, norm3.weight, norm3.bias, norm3.eps)
+        x32, h = chains.residual_then_norm(
+            x, y, gate1, norm3.weight, norm3.bias, norm3.eps, input_dtype(text_attn.q, x)
+        )
 
         # Text cross-attention (no modulation, affine norm).
-        y = self.cross_attn.out(attend(self.cross_attn.queries(h), text_k, text_v))
-        x32, h = chains.add_then_modulated_norm(x32, y, shift2, scale2, eps, x.dtype)
+        y = text_attn.out(attend(text_attn.queries(h), text_k, text_v))
+        x32, h = chains.add_then_modulated_norm(x32, y, shift2, scale2, eps, input_dtype(up, x))
 
         # Feed-forward; the stream is rounded to x's dtype as it leaves the block.
-        x = chains.gated_residual(x32, self.ffn(h), gate2, x.dtype)
+        y = down(chains.gelu(up(h), input_dtype(down, x)))
+        x = chains.gated_residual(x32, y, gate2, dtype)
         if self.audio is not None and audio is not None:
             x = self.audio(x, audio)
         return x, k, v
 
     def _self_attention(
-        self, x: torch.Tensor, rope: RopeTable, context: SelfContext | None
+        self, h: Stored, dtype: torch.dtype, rope: RopeTable, context: SelfContext | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h: the normed block input (as the projections take it); dtype: the activations'."""
         attn, chains = self.self_attn, self.chains
         if context is None:  # sink: among themselves; the cache keeps keys without RoPE
-            q = attn.queries(x)
-            k_raw, v = attn.keys_values(x)
-            k = chains.apply_rope(k_raw, rope, x.dtype)
-            return attn.out(attend(chains.apply_rope(q, rope, x.dtype), k, v)), k_raw, v
+            q = attn.queries(h)
+            k_raw, v = attn.keys_values(h)
+            k = chains.apply_rope(k_raw, rope, dtype)
+            return attn.out(attend(chains.apply_rope(q, rope, dtype), k, v)), k_raw, v
         heads = attn.num_heads
-        q = chains.rms_rope(attn.q(x), attn.norm_q.weight, attn.norm_q.eps, rope, heads)
-        k = chains.rms_rope(attn.k(x), attn.norm_k.weight, attn.norm_k.eps, rope, heads)
-        v = attn.v(x).unflatten(-1, (heads, -1))
-        cond_k = chains.apply_rope(context.cond_k, context.cond_rope, x.dtype)
+        q = chains.rms_rope(attn.q(h), attn.norm_q.weight, attn.norm_q.eps, rope, heads)
+        k = chains.rms_rope(attn.k(h), attn.norm_k.weight, attn.norm_k.eps, rope, heads)
+        v = attn.v(h).unflatten(-1, (heads, -1))
+        cond_k = chains.apply_rope(context.cond_k, context.cond_rope, dtype)
         parts = [*zip(context.ring_k, context.ring_v, strict=True), (k, v), (cond_k, context.cond_v)]
-        return attn.out(attend_parts(q, parts, chains)), k, v
+        return attn.out(attend_parts(q, parts, chains, input_dtype(attn.o, q))), k, v
 
 
 class Head(nn.Module):

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chains import EAGER
+from .chains import EAGER, Stored
 from .config import DiTConfig
-from .layers import Attention, attend
+from .layers import Attention, attend, input_dtype
 
 
 class AudioTokens(NamedTuple):
@@ -97,10 +97,9 @@ class AudioAdaNorm(nn.Module):
         self.eps = config.audio_norm_eps
         self.linear = nn.Linear(config.dim, 2 * config.dim)
 
-    def forward(
-        self, x: torch.Tensor, cond: torch.Tensor, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """x [G, S, dim], cond [G, dim] -> [G, S, dim], computed in float32 and rounded once to `dtype`."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, dtype: torch.dtype = torch.float32) -> Stored:
+        """x [G, S, dim], cond [G, dim] -> [G, S, dim], computed in float32 and stored once as `dtype`
+        (e4m3 rows for FP8)."""
         shift, scale = self.linear(F.silu(cond)).chunk(2, dim=-1)
         return self.chains.ada_norm(x, shift, scale, self.eps, dtype)
 
@@ -118,7 +117,7 @@ class AudioInjector(nn.Module):
         b, n, dim = x.shape
         frames = audio.tokens.shape[1]
         per_frame = x.reshape(b * frames, n // frames, dim)  # [B·F, S, dim]
-        h = self.norm(per_frame, audio.global_.reshape(b * frames, dim), x.dtype)
+        h = self.norm(per_frame, audio.global_.reshape(b * frames, dim), input_dtype(self.attn.q, x))
         q = self.attn.queries(h)  # [B·F, S, H, D]
         k, v = self.attn.keys_values(audio.tokens.flatten(0, 1))  # [B·F, 5, H, D]
         residual = self.attn.out(attend(q, k, v))

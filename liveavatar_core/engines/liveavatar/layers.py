@@ -11,8 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chains import EAGER, layer_norm32, rms_norm
+from .chains import EAGER, FP8, Fp8Rows, Stored, layer_norm32, rms_norm
 from .config import DiTConfig
+
+
+def input_dtype(linear: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """How a chain stores `linear`'s input: e4m3 rows (FP8) for a layer that takes them
+    (`backends.Fp8Linear`), else in x's dtype."""
+    return FP8 if getattr(linear, "takes_fp8_rows", False) else x.dtype
 
 
 class RMSNorm(nn.Module):
@@ -66,9 +72,9 @@ class Attention(nn.Module):
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         return k, v
 
-    def out(self, attended: torch.Tensor) -> torch.Tensor:
-        """[B, N, heads, head_dim] -> [B, N, dim]."""
-        return self.o(attended.flatten(2))
+    def out(self, attended: Stored) -> torch.Tensor:
+        """[B, N, heads, head_dim] (or e4m3 rows [B, N, dim] for an fp8 `o`) -> [B, N, dim]."""
+        return self.o(attended if isinstance(attended, Fp8Rows) else attended.flatten(2))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -101,18 +107,22 @@ def attend_with_lse(
 
 
 def attend_parts(
-    q: torch.Tensor, parts: list[tuple[torch.Tensor, torch.Tensor]], chains=EAGER
-) -> torch.Tensor:
+    q: torch.Tensor,
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+    chains=EAGER,
+    dtype: torch.dtype | None = None,
+) -> Stored:
     """Attention of q [B, Nq, H, D] over the union of several key/value sets ([B, Nk_i, H, D] each)
     without concatenating them: each part is attended on its own, and the parts are merged by their
     log-sum-exps (softmax over the union = each part's softmax weighted by exp(lse_i - lse)). Same
     result as `attend` over the concatenation up to rounding; the K/V copy it saves is the size of the
-    whole context. Where no kernel returns the log-sum-exp, it concatenates."""
+    whole context. Where no kernel returns the log-sum-exp, it concatenates. The merge stores its
+    result as `dtype` (default q's; FP8 for an fp8 output projection, see `Attention.out`)."""
     if len(parts) > 1:
         results = [attend_with_lse(q, k, v) for k, v in parts]
         if all(r is not None for r in results):
             outs, lses = zip(*results, strict=True)
-            return chains.merge_attention(list(outs), list(lses), q.dtype)
+            return chains.merge_attention(list(outs), list(lses), dtype or q.dtype)
     keys, values = zip(*parts, strict=True)
     return attend(q, torch.cat(keys, dim=1), torch.cat(values, dim=1))
 
