@@ -97,7 +97,7 @@ def main() -> None:
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     name = f"profile_{args.size}{'_fp8' if args.fp8 else ''}{'_compiled' if args.compile else ''}"
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=90, max_name_column_width=70)
     (args.out / f"{name}.txt").write_text(table)
     trace_path = args.out / "trace.json"
     prof.export_chrome_trace(str(trace_path))
