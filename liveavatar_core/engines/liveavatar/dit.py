@@ -91,6 +91,7 @@ class DiTBlock(nn.Module):
         self.norm3 = LayerNorm32(dim, config.eps, elementwise_affine=True)  # before text attention
         self.cross_attn = Attention(config)
         self.norm2 = LayerNorm32(dim, config.eps, elementwise_affine=False)
+        # The official module layout (ffn.0, ffn.2); `forward` runs the GELU as a chain (`chains.gelu`).
         self.ffn = nn.Sequential(
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
         )
