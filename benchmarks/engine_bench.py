@@ -94,6 +94,11 @@ class KeepingSink(CountingSink):
         self.kept.clear()
 
 
+def level_diff(frames: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """|frames - reference| per value, in uint8 levels (both uint8 frames of the same shape)."""
+    return np.abs(frames.astype(np.int16) - reference)
+
+
 def speech(frames: int, seed: int) -> np.ndarray:
     """Noise in syllable-like bursts at 16 kHz (the model's weights are random: content is irrelevant)."""
     rng = np.random.default_rng(seed)
@@ -282,11 +287,11 @@ def bench_orders(
             row.fps = n * FRAMES_PER_CLIP / result.seconds
             row.dit_seconds_per_clip = result.details["timings"]["dit"] / n
             row.peak_gib = result.peak_memory_bytes / GiB
-            frames = np.stack(sink.kept).astype(np.int16)
+            frames = np.stack(sink.kept)
             if reference is None:
                 reference = frames
             if len(frames) == len(reference):  # a shorter segment hears other wav2vec2 windows
-                row.max_diff_vs_block = int(np.abs(frames - reference).max())
+                row.max_diff_vs_block = int(level_diff(frames, reference).max())
             if order == "block" and not streamed:
                 for how in ("kept state", "replay"):  # the second use finds the kept rings used up
                     started = engine.generate(
@@ -412,10 +417,10 @@ def check_backends(device: str | None) -> list[dict]:
         try:
             first = engine.generate(request(config, 24, seed=3), sink)
             second = engine.generate(request(config, 24, seed=3, handoff=first.handoff), sink)
-            frames = np.stack(sink.kept).astype(np.int16)
+            frames = np.stack(sink.kept)
             if reference is None:
                 reference = frames
-            entry["max_abs_diff_vs_plain"] = int(np.abs(frames - reference).max())
+            entry["max_abs_diff_vs_plain"] = int(level_diff(frames, reference).max())
             entry["handoff"] = f"{second.details['handoff_in']}, {second.details['continuation']}"
         except LiveAvatarError as exc:
             entry["error"] = str(exc)
@@ -561,15 +566,15 @@ def main(argv: list[str] | None = None) -> int:
                 if chains == "eager":
                     eager_frame = frame
                 elif frame is not None and eager_frame is not None:
-                    row.max_diff_vs_eager = int(np.abs(frame.astype(np.int16) - eager_frame).max())
+                    row.max_diff_vs_eager = int(level_diff(frame, eager_frame).max())
                 if chains == "compiled":
                     compiled_frame = frame
                 elif chains in ("graphs", "overlap") and frame is not None and compiled_frame is not None:
-                    row.max_diff_vs_compiled = int(np.abs(frame.astype(np.int16) - compiled_frame).max())
+                    row.max_diff_vs_compiled = int(level_diff(frame, compiled_frame).max())
                 if precision == "bf16" and frame is not None:
                     bf16_frames[size, chains] = frame
                 elif frame is not None and (size, chains) in bf16_frames:
-                    diff = np.abs(frame.astype(np.int16) - bf16_frames[size, chains])
+                    diff = level_diff(frame, bf16_frames[size, chains])
                     row.max_diff_vs_bf16, row.mean_diff_vs_bf16 = (
                         int(diff.max()),
                         round(float(diff.mean()), 3),

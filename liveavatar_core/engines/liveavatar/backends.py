@@ -145,11 +145,12 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         rows = x if isinstance(x, Fp8Rows) else self.chains.quantise_rows(x)
         shape = rows.values.shape
+        flat = rows.reshape(-1, self.in_features)
         fused_bias = self.bias is not None and self.out_dtype in (torch.bfloat16, torch.float16)
         out = torch._scaled_mm(
-            rows.values.reshape(-1, self.in_features),
+            flat.values,
             self.weight.t(),  # column-major view of the row-major weight, as _scaled_mm wants
-            scale_a=rows.scale.reshape(-1, 1),
+            scale_a=flat.scale,
             scale_b=self.weight_scale,
             bias=self.bias.to(self.out_dtype) if fused_bias else None,
             out_dtype=self.out_dtype,

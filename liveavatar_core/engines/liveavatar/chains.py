@@ -43,6 +43,10 @@ class Fp8Rows(NamedTuple):
     values: torch.Tensor
     scale: torch.Tensor
 
+    def reshape(self, *shape: int) -> Fp8Rows:
+        """The same rows under another shape of their leading dimensions (`shape` ends in features)."""
+        return Fp8Rows(self.values.reshape(*shape), self.scale.reshape(*shape[:-1], 1))
+
 
 Stored = torch.Tensor | Fp8Rows  # what a chain stores: a tensor in `dtype`, or e4m3 rows for FP8
 
@@ -114,10 +118,7 @@ def modulated_norm(
     as `dtype`. x [B, N, dim] holds G groups (latent frames) of tokens; shift/scale float32 [B, G, 1, dim]."""
     b, n, dim = x.shape
     normed = layer_norm32(x, None, None, eps).reshape(b, shift.shape[1], -1, dim)
-    out = scale_shift(normed, 1 + scale, shift, dtype)
-    if isinstance(out, Fp8Rows):
-        return Fp8Rows(out.values.reshape(b, n, dim), out.scale.reshape(b, n, 1))
-    return out.reshape(b, n, dim)
+    return scale_shift(normed, 1 + scale, shift, dtype).reshape(b, n, dim)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
