@@ -2,12 +2,14 @@
 the wall time the GPU sat idle. The profiler slows the host down, so that idle share is an upper bound
 (42% profiled for fp8 on an H200, where CUDA graphs, which remove all launch work, then gained 1%).
 
-Writes OUT/profile_<size>[_fp8][_compiled].txt (the top ops) and .json: per kind of kernel (matrix
+Writes OUT/profile_<size>_<precision>_<chains>.txt (the top ops) and .json: per kind of kernel (matrix
 products, attention, Triton-fused chains, convolutions, copies, concatenations, other element-wise) its
-GPU seconds per clip; the GPU's busy time (union of kernel intervals) against the profiled call's wall
-time; and the number of host-blocking CUDA calls (synchronisations and pageable copies).
+GPU seconds per clip; GPU seconds per launching op (the outermost and innermost host op around each
+kernel's launch); the GPU's busy time (union of kernel intervals) against the profiled call's wall
+time; its idle time by gap length and by the host op running in the middle of each gap; and the
+number of host-blocking CUDA calls (synchronisations and copies).
 
-PYTHONPATH=. python benchmarks/profile_clip.py OUT [--size 704x384] [--fp8] [--compile] [--clips 2]
+PYTHONPATH=. python benchmarks/profile_clip.py OUT [--size 704x384] [--fp8] [--chains compiled] [--clips 2]
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.engine_bench import FRAMES_PER_CLIP, CountingSink, request  # noqa: E402
-from liveavatar_core.engines.base import GenerationConfig  # noqa: E402
+from benchmarks.engine_bench import FRAMES_PER_CLIP, CountingSink, request, run_config  # noqa: E402
 from liveavatar_core.engines.liveavatar.engine import LiveAvatarEngine  # noqa: E402
 
 # Kernel kinds by name fragments, first match wins (CUDA kernel names of torch 2.11 on Hopper).
@@ -35,6 +36,7 @@ KINDS = (
     ("copy / cast", ("copy", "memcpy", "memset")),
     ("reduction", ("reduce",)),
 )
+HOST_OPS = ("cpu_op", "user_annotation")  # aten ops, compiled regions, record_function ranges
 BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 
 
@@ -56,15 +58,86 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     return total / 1e6
 
 
+def gaps(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The idle stretches between the union of [start, end) intervals."""
+    out, reach = [], None
+    for start, end in sorted(intervals):
+        if reach is not None and start > reach:
+            out.append((reach, start))
+        reach = end if reach is None else max(reach, end)
+    return out
+
+
+def enclosing_ops(ops: list[dict], points: list[float]) -> list[list[str]]:
+    """For each time point, the names of the host ops around it, outermost first (ops of one thread,
+    properly nested, as the profiler records them)."""
+    order = sorted(range(len(points)), key=points.__getitem__)
+    events = sorted(ops, key=lambda e: (e["ts"], -e["dur"]))
+    out: list[list[str]] = [[] for _ in points]
+    stack: list[dict] = []
+    i = 0
+    for q in order:
+        p = points[q]
+        while i < len(events) and events[i]["ts"] <= p:
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= events[i]["ts"]:
+                stack.pop()
+            stack.append(events[i])
+            i += 1
+        while stack and stack[-1]["ts"] + stack[-1]["dur"] <= p:
+            stack.pop()
+        out[q] = [e["name"] for e in stack]
+    return out
+
+
+def label(names: list[str]) -> str:
+    if not names:
+        return "(no host op)"
+    return names[0] if len(names) == 1 else f"{names[0]} > {names[-1]}"
+
+
+def top(totals: dict[str, float], clips: int, n: int) -> dict[str, float]:
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:n]
+    return {k: round(v / clips, 4) for k, v in ranked}
+
+
 def summarise(trace: dict, clips: int, wall: float) -> dict:
-    kernels = [e for e in trace["traceEvents"] if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    events = trace["traceEvents"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     by_kind: dict[str, float] = {}
     for e in kernels:
         kind = kind_of(e["name"])
         by_kind[kind] = by_kind.get(kind, 0.0) + e["dur"] / 1e6
-    runtime = [e for e in trace["traceEvents"] if e.get("cat") == "cuda_runtime"]
+    runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
     blocking = {name: sum(1 for e in runtime if e["name"].startswith(name)) for name in BLOCKING}
-    busy = busy_seconds([(e["ts"], e["ts"] + e["dur"]) for e in kernels])
+    # the launching thread: the one that made the most CUDA calls
+    threads: dict = {}
+    for e in runtime:
+        threads[e["tid"]] = threads.get(e["tid"], 0) + 1
+    main_tid = max(threads, key=threads.get) if threads else None
+    host_ops = [e for e in events if e.get("cat") in HOST_OPS and e.get("tid") == main_tid]
+    launches = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
+    launched = [
+        (launches[e["args"]["correlation"]], e)
+        for e in kernels
+        if e.get("args", {}).get("correlation") in launches
+    ]
+    by_op: dict[str, float] = {}
+    for names, (_, k) in zip(enclosing_ops(host_ops, [r["ts"] for r, _ in launched]), launched, strict=True):
+        by_op[label(names)] = by_op.get(label(names), 0.0) + k["dur"] / 1e6
+    intervals = [(e["ts"], e["ts"] + e["dur"]) for e in kernels]
+    idle = gaps(intervals)
+    by_length = {"<20us": 0.0, "20-200us": 0.0, "0.2-2ms": 0.0, ">2ms": 0.0}
+    for a, b in idle:
+        d = b - a
+        key = "<20us" if d < 20 else "20-200us" if d < 200 else "0.2-2ms" if d < 2000 else ">2ms"
+        by_length[key] += d / 1e6
+    by_host: dict[str, float] = {}
+    long_gaps = [(a, b) for a, b in idle if b - a >= 20]
+    for names, (a, b) in zip(
+        enclosing_ops(host_ops, [(a + b) / 2 for a, b in long_gaps]), long_gaps, strict=True
+    ):
+        by_host[label(names)] = by_host.get(label(names), 0.0) + (b - a) / 1e6
+    busy = busy_seconds(intervals)
     return {
         "clips": clips,
         "wall_seconds_per_clip": round(wall / clips, 4),
@@ -72,6 +145,9 @@ def summarise(trace: dict, clips: int, wall: float) -> dict:
         "gpu_idle_share": round(1 - busy / wall, 4),
         "kernels_per_clip": len(kernels) // clips,
         "gpu_seconds_per_clip_by_kind": {k: round(v / clips, 4) for k, v in sorted(by_kind.items())},
+        "gpu_seconds_per_clip_by_launching_op": top(by_op, clips, 40),
+        "idle_seconds_per_clip_by_gap_length": {k: round(v / clips, 4) for k, v in by_length.items()},
+        "idle_seconds_per_clip_by_host_op": top(by_host, clips, 25),
         "host_blocking_calls": blocking,
     }
 
@@ -81,13 +157,15 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--size", default="704x384")
     parser.add_argument("--fp8", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="compiled element-wise chains")
+    parser.add_argument(
+        "--chains", default="compiled", help="eager, compiled, graphs or overlap (as engine_bench.py's)"
+    )
     parser.add_argument("--clips", type=int, default=2, help="48-frame clips in the profiled segment")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     engine = LiveAvatarEngine(random_weights=True, device="cuda")
     precision = "fp8" if args.fp8 else "bf16"
-    config = GenerationConfig.for_output(args.size, precision).replace(compile=args.compile)
+    config = run_config(args.size, precision, args.chains, resident_encoders=False)
     for seed in (0, 1):  # warm: prompt, portrait, compiling, first calls
         engine.generate(request(config, FRAMES_PER_CLIP, seed=seed), CountingSink())
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -96,7 +174,7 @@ def main() -> None:
         result = engine.generate(request(config, args.clips * FRAMES_PER_CLIP, seed=2), CountingSink())
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
-    name = f"profile_{args.size}{'_fp8' if args.fp8 else ''}{'_compiled' if args.compile else ''}"
+    name = f"profile_{args.size}_{precision}_{args.chains}"
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=90, max_name_column_width=70)
     (args.out / f"{name}.txt").write_text(table)
     trace_path = args.out / "trace.json"
