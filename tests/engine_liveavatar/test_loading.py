@@ -321,3 +321,28 @@ def test_weight_streaming_keeps_every_blocks_own_weights_across_forwards(monkeyp
     offload.remove(to_device=False)  # leaving streaming for an fp8 change: weights stay on the host
     for name, p in streamed.named_parameters():
         assert torch.equal(p, dict(plain.named_parameters())[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a visit to the device needs a CUDA GPU")
+def test_an_offloaded_encoder_visits_from_pinned_memory_and_is_not_copied_back():
+    """wav2vec2 with `offload_encoders`: on the device during a visit, the same outputs as on the host,
+    and afterwards the very same pinned host tensors (pinned once, never copied down)."""
+    torch.manual_seed(3)
+    module = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU(), torch.nn.BatchNorm1d(48)).eval()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        expected = module(x)
+    cuda = torch.device("cuda")
+    seen = []
+    for _ in range(2):
+        with torch.no_grad(), backends.visiting(module, cuda):
+            assert all(t.device.type == "cuda" for t in [*module.parameters(), *module.buffers()])
+            torch.testing.assert_close(module(x.to(cuda)).cpu(), expected, rtol=1e-4, atol=1e-4)
+        tensors = [*module.parameters(), *module.buffers()]
+        assert all(t.device.type == "cpu" and t.is_pinned() for t in tensors)
+        seen.append([t.data_ptr() for t in tensors])
+    assert seen[0] == seen[1]
+    with torch.no_grad():
+        assert torch.equal(module(x), expected)
+    with backends.visiting(module, torch.device("cpu")):  # a CPU engine: nothing moves
+        assert [t.data_ptr() for t in [*module.parameters(), *module.buffers()]] == seen[0]

@@ -8,7 +8,8 @@ the device cannot run it.
   `torch._scaled_mm` with row-wise scales. Embeddings, time MLPs, the head and the audio encoder stay as they
   are (as in the reference). Applied after the LoRA merge, since it quantises the merged weights.
 * weight offload: every block's weights live in pinned host memory; two GPU slots hold the block being
-  computed and the next one, copied on a side stream while the current block runs.
+  computed and the next one, copied on a side stream while the current block runs. An offloaded
+  encoder (`visiting`) is copied up from pinned memory for each use and dropped after, never copied back.
 * KV offload: the four step rings live in pinned host memory; each layer's context is copied to the GPU
   on a side stream one layer ahead of the compute, and the block's new keys/values go back.
 * compile: the blocks' element-wise chains through `torch.compile` (`chains.py`).
@@ -16,7 +17,8 @@ the device cannot run it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -307,6 +309,27 @@ class BlockWeightOffload:
             _point(entries, tensors)
         self.slots = [{}, {}]
         self.host = []
+
+
+@contextmanager
+def visiting(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """`module`, kept in host memory, on `device` for the duration (wav2vec2 per audio chunk when the
+    encoders are offloaded). Its tensors move once into one pinned buffer, are copied up without
+    blocking the host at each visit, and on leaving point back at the pinned copies: inference changes
+    no weight, so nothing is copied down. A module already on the device (or a CPU engine) stays put."""
+    entries = _tensor_entries(module)
+    tensors = [getattr(m, name).detach() for m, _, name in entries]
+    if device.type != "cuda" or any(t.device.type != "cpu" for t in tensors):
+        yield
+        return
+    if not all(t.is_pinned() for t in tensors):
+        tensors = _pinned_copy(tensors)
+        _point(entries, tensors)  # kept between visits
+    _point(entries, [t.to(device, non_blocking=True) for t in tensors])
+    try:
+        yield
+    finally:
+        _point(entries, tensors)
 
 
 def blocks_on_host(model: nn.Module) -> bool:

@@ -29,7 +29,6 @@ import traceback
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -53,6 +52,7 @@ from .backends import (
     offload_problem,
     remove_compile,
     require,
+    visiting,
 )
 from .checkpoint import Placement, load_dit, random_init
 from .components import (
@@ -276,9 +276,7 @@ class LiveAvatarEngine(Engine):
         caches, continuation = self._caches(config, h, w, handoff, replay)
         blocks = self._blocks(request.num_frames)
         order = make_order(config.order, config.sweep_blocks)
-        features = self._features(
-            request, handoff, blocks * dit.config.block_frames * TEMPORAL_STRIDE, config
-        )
+        features = self._features(request, handoff, blocks * dit.config.block_frames * TEMPORAL_STRIDE)
         run = SegmentRun(
             self.parts,
             request,
@@ -445,17 +443,6 @@ class LiveAvatarEngine(Engine):
             )
         self.parts.dit = dit
 
-    @contextmanager
-    def _on_device(self, encoder, config: GenerationConfig) -> Iterator[None]:
-        """`encoder` on the device for the duration (and back to the host after, if offloaded)."""
-        if config.offload_encoders:
-            encoder.to(self.device)
-        try:
-            yield
-        finally:
-            if config.offload_encoders:
-                encoder.to("cpu")
-
     # ----- conditioning ---------------------------------------------------------------------------------
 
     def _text_context(self, prompt: str, config: GenerationConfig, timings: Timings) -> TextContext:
@@ -563,22 +550,18 @@ class LiveAvatarEngine(Engine):
             rings.append(HostRing(ring, self.device))
         return Caches(cond, rings)
 
-    def _features(
-        self, request: SegmentRequest, handoff: Handoff | None, frames: int, config: GenerationConfig
-    ) -> FeatureStream:
+    def _features(self, request: SegmentRequest, handoff: Handoff | None, frames: int) -> FeatureStream:
         """wav2vec2 features for the segment's blocks, after the previous segment's audio as left context."""
         tail = handoff.audio_tail if handoff is not None else np.zeros(0, np.float32)
         skip = len(tail) // SAMPLES_PER_FRAME
         audio = np.concatenate([tail, request.audio]).astype(np.float32, copy=False)
         chunks = self.parts.audio.iter_features(audio, skip + frames)
-        return FeatureStream(self._placed(chunks, self.parts.audio, config), skip)
+        return FeatureStream(self._placed(chunks, self.parts.audio.model), skip)
 
-    def _placed(
-        self, chunks: Iterator[torch.Tensor], encoder, config: GenerationConfig
-    ) -> Iterator[torch.Tensor]:
-        """Pull each chunk with the encoder on the device (moved back between chunks if offloaded)."""
+    def _placed(self, chunks: Iterator[torch.Tensor], encoder: torch.nn.Module) -> Iterator[torch.Tensor]:
+        """Pull each chunk with the encoder on the device (an offloaded one visits from host memory)."""
         while True:
-            with self._on_device(encoder, config):
+            with visiting(encoder, self.device):
                 chunk = next(chunks, None)
             if chunk is None:
                 return
