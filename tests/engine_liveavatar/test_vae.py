@@ -265,6 +265,20 @@ def test_compiled_norm_chain_equals_the_eager_one():
     assert ((channels_last.float() - plain.float()).abs() <= plain.float().abs() * 2**-7).all()
 
 
+def test_compiled_norm_chain_serves_every_channel_count_and_clip_length():
+    """The channels are static in the compiled norm (one kernel per count), the rest dynamic: the
+    decoder's levels and clip lengths all get the eager chain's values."""
+    g = torch.Generator().manual_seed(9)
+    for channels in (8, 24, 16):
+        gamma = torch.rand(1, channels, 1, 1, 1, generator=g).to(torch.bfloat16) + 0.5
+        for frames, side in ((1, 4), (3, 8), (4, 6)):
+            x = torch.randn(1, channels, frames, side, side + 2, generator=g).to(torch.bfloat16)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+            eager = rms_act(x, gamma, channels**0.5, True)
+            compiled = compiled_rms_act()(x, gamma, channels**0.5, True)
+            assert ((compiled.float() - eager.float()).abs() <= eager.float().abs() * 2**-7).all()
+
+
 def test_decode_options_refuse_nonsense():
     with pytest.raises(ValueError, match="chunk"):
         DecodeOptions(chunk=0)

@@ -89,9 +89,18 @@ def rms_act(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool) -> t
 
 @functools.cache
 def compiled_rms_act() -> NormAct:
-    """`rms_act` through torch.compile (one kernel per layout; shapes dynamic, so clip lengths share it)."""
+    """`rms_act` through torch.compile: one kernel per channel count (three in Wan2.1's decoder; the
+    channels static, so the norm's reduction over them runs in one pass over memory), other sizes
+    dynamic, so clip lengths and levels share it."""
     # emulate_precision_casts: round where eager rounds (inductor otherwise keeps float32 between steps)
-    return torch.compile(rms_act, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
+    compiled = torch.compile(rms_act, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
+
+    def norm_act(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool) -> torch.Tensor:
+        torch._dynamo.mark_static(x, 1)
+        torch._dynamo.mark_static(gamma, 1)
+        return compiled(x, gamma, scale, silu)
+
+    return norm_act
 
 
 class FusedDecoder:
