@@ -107,7 +107,8 @@ def summarise(trace: dict, clips: int, wall: float) -> dict:
     for e in kernels:
         kind = kind_of(e["name"])
         by_kind[kind] = by_kind.get(kind, 0.0) + e["dur"] / 1e6
-    runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]  # cuBLASLt, cuDNN and
+    # Triton launch through the driver API
     blocking = {name: sum(1 for e in runtime if e["name"].startswith(name)) for name in BLOCKING}
     # the launching thread: the one that made the most CUDA calls
     threads: dict = {}

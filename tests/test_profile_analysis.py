@@ -8,10 +8,10 @@ def op(name, ts, dur, tid=1, cat="cpu_op"):
     return {"cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
 
 
-def launch(ts, correlation, tid=1):
+def launch(ts, correlation, tid=1, cat="cuda_runtime"):
     return {
-        "cat": "cuda_runtime",
-        "name": "cudaLaunchKernel",
+        "cat": cat,
+        "name": "cudaLaunchKernel" if cat == "cuda_runtime" else "cuLaunchKernelEx",
         "ts": ts,
         "dur": 2,
         "tid": tid,
@@ -56,7 +56,7 @@ def test_summarise_attributes_kernels_and_idle_time():
             op("aten::item", 400, 1000),  # the host waits on a sync while the GPU has nothing queued
             op("cudaStreamSynchronize", 410, 980, cat="cuda_runtime"),
             op("aten::scaled_dot_product_attention", 1500, 30),
-            launch(1510, 2),
+            launch(1510, 2, cat="cuda_driver"),  # cuDNN, cuBLASLt and Triton launch through the driver
             kernel("cudnn_sdpa_fprop", 1515, 485, 2),
             op("python work", 0, 5000, tid=2),  # another thread: not the launching one
         ]

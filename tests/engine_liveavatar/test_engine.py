@@ -86,6 +86,7 @@ class LocalFeatures:
             torch.randn(SAMPLES_PER_FRAME, layers * hidden, generator=torch.Generator().manual_seed(0)) / 25
         )
         self.layers, self.hidden = layers, hidden
+        self.model = torch.nn.Module()  # what the engine places on the device: no weights here
 
     def to(self, *args, **kwargs):
         return self
