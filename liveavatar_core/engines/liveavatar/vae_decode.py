@@ -92,6 +92,8 @@ def compiled_rms_act() -> NormAct:
     """`rms_act` through torch.compile: one kernel per channel count (three in Wan2.1's decoder; the
     channels static, so the norm's reduction over them runs in one pass over memory), other sizes
     dynamic, so clip lengths and levels share it."""
+    # one graph per channel count, and per clip length of one latent or more: beyond dynamo's default 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     # emulate_precision_casts: round where eager rounds (inductor otherwise keeps float32 between steps)
     compiled = torch.compile(rms_act, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
 
