@@ -45,9 +45,11 @@ class GenerationConfig:
     over more blocks, fewer hold less device state (one block's hidden state per block of a group).
     cuda_graphs: replay block forwards as CUDA graphs (same kernels, same pictures, less host work)
     where weights and rings are on the GPU. Off by default: on an H200 the DiT is GPU-bound and
-    graphs gained 1% (docs/benchmarks.md); a host whose CPU cannot keep up may gain more.
+    graphs gained 1% (round 4), then lost 8% with fp8 rows (round 6, docs/benchmarks.md); a host whose
+    CPU cannot keep up may gain more.
     overlap_decode: decode each block on a second CUDA stream while the next block's DiT runs (same
-    pictures; both steps' working memory at once). Off by default: +3% fp8, -10% bf16 on an H200.
+    pictures; both steps' working memory at once). Off by default: on an H200 +3% fp8, -10% bf16 in
+    round 4, -15% fp8 in round 6.
     """
 
     height: int = 704
