@@ -1,0 +1,240 @@
+"""One pass per chain: hand-written Triton kernels against the compiled chains (issue 12, round 6 probe).
+
+The round-6 profile found each compiled chain that feeds an fp8 linear running as several kernels
+(statistics, normalise and modulate, row maximum, quantise), each reading or writing the whole
+activation. A token's row (5,120 or 13,824 values) fits in one program's registers, so a chain can read
+its inputs once and write e4m3 values and one scale per row once. This probe measures that, at the
+DiT's shapes (a 3,168-token block at 704x384, three latent frames of 1,056 tokens, dim 5,120, FFN
+13,824), for three chains, each against `chains.compiled_chains()`'s version with `dtype=FP8`:
+
+* `modulated_norm`: bf16 x -> layer norm (rounded to bf16) -> `· (1 + scale) + shift` -> e4m3 rows;
+* `add_then_modulated_norm`: float32 stream + bf16 y -> the new stream (float32) and its modulated norm;
+* `gelu`: the FFN's hidden (bf16) -> tanh GELU (rounded to bf16) -> e4m3 rows.
+
+Timed cold (each call reads inputs not touched since eight other input sets were read: 256 MB and more,
+beyond the H200's 50 MB L2, as in a block forward) and hot (the same inputs again, as
+fp8_rows_bench.py timed round 5's chains). Error: each kernel's dequantised rows against the eager
+chain's, in e4m3 steps of the row's scale. Writes OUT/row_kernels_bench.json.
+
+`--device cpu` runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, set by this script) at tiny
+shapes: a check of the script and of the kernels' values, not of speed. It needs the `triton` package,
+which torch's CUDA wheels bring and a CPU-only install does not (`pip install triton`). Run that way on
+2026-12-03: every kernel within one e4m3 step of the eager chain (a bf16 rounding of the normalised
+value or the GELU that lands the other way), the float32 stream exact.
+
+    PYTHONPATH=. python benchmarks/row_kernels_bench.py OUT [--reps 20] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+INTERPRETED = "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu"
+if INTERPRETED:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
+
+from liveavatar_core.engines.liveavatar import chains  # noqa: E402
+from liveavatar_core.engines.liveavatar.chains import FP8, FP8_MAX, Fp8Rows  # noqa: E402
+
+EPS = 1e-6
+SETS = 8  # input sets rotated through for cold timings
+BF16 = torch.bfloat16
+
+
+@triton.jit
+def _modulated_norm_rows(
+    x_ptr, y_ptr, stream_ptr, shift_ptr, scale_ptr, q_ptr, s_ptr,
+    D, rows_per_group, eps, fp8_max,
+    ADD: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One token per program: [x (+ y, stored as the new float32 stream)] -> layer norm -> modulation ->
+    e4m3 values and the row's scale."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        x = x + tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(stream_ptr + row * D + cols, x, mask=mask)
+    mean = tl.sum(x, axis=0) / D
+    centred = tl.where(mask, x - mean, 0.0)
+    normed = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / D + eps)
+    if not ADD:  # the chain's layer norm rounds to x's dtype (bf16); a float32 stream is not rounded
+        normed = normed.to(tl.bfloat16).to(tl.float32)
+    group = row // rows_per_group
+    gain = 1.0 + tl.load(scale_ptr + group * D + cols, mask=mask, other=0.0)
+    out = normed * gain + tl.load(shift_ptr + group * D + cols, mask=mask, other=0.0)
+    row_scale = tl.maximum(tl.max(tl.where(mask, tl.abs(out), 0.0), axis=0), 1e-12) / fp8_max
+    tl.store(q_ptr + row * D + cols, (out / row_scale).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, row_scale)
+
+
+@triton.jit
+def _gelu_rows(x_ptr, q_ptr, s_ptr, D, fp8_max, BLOCK: tl.constexpr):
+    """One token per program: tanh GELU (0.5·x·(1 + tanh(u)) = x·sigmoid(2u)), rounded to bf16 as the
+    chain's bf16 GELU is, -> e4m3 values and the row's scale."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    out = (x * tl.sigmoid(2.0 * u)).to(tl.bfloat16).to(tl.float32)
+    row_scale = tl.maximum(tl.max(tl.where(mask, tl.abs(out), 0.0), axis=0), 1e-12) / fp8_max
+    tl.store(q_ptr + row * D + cols, (out / row_scale).to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, row_scale)
+
+
+def _rows_out(x: torch.Tensor) -> Fp8Rows:
+    """Uninitialised rows for x. In the interpreter the values are float32, cast to e4m3 by torch after
+    the kernel (`_finish`): the interpreter's own float32 -> e4m3 conversion loses the carry when a value
+    rounds up into the next power of two (124 -> 64), which the GPU's conversion does not."""
+    dtype = torch.float32 if INTERPRETED else FP8
+    values = torch.empty(x.shape, dtype=dtype, device=x.device)
+    return Fp8Rows(values, torch.empty(*x.shape[:-1], 1, device=x.device))
+
+
+def _finish(rows: Fp8Rows) -> Fp8Rows:
+    return rows if rows.values.dtype == FP8 else Fp8Rows(rows.values.to(FP8), rows.scale)
+
+
+def _warps(block: int) -> int:
+    return max(4, min(16, block // 512))
+
+
+def modulated_norm_rows(x, shift, scale, eps, stream=None, y=None) -> Fp8Rows | tuple[torch.Tensor, Fp8Rows]:
+    """The Triton `modulated_norm` (or, given the float32 `stream` and `y`, `add_then_modulated_norm`)."""
+    b, n, d = (stream if stream is not None else x).shape
+    rows_per_group = n // shift.shape[1]
+    add = stream is not None
+    source = stream if add else x
+    new_stream = torch.empty_like(stream) if add else source
+    out = _rows_out(source)
+    block = triton.next_power_of_2(d)
+    _modulated_norm_rows[(b * n,)](
+        source, y if add else source, new_stream, shift.contiguous(), scale.contiguous(), out.values,
+        out.scale, d, rows_per_group, eps, FP8_MAX, ADD=add, BLOCK=block, num_warps=_warps(block),
+    )  # fmt: skip
+    return (new_stream, _finish(out)) if add else _finish(out)
+
+
+def gelu_rows(x: torch.Tensor) -> Fp8Rows:
+    out = _rows_out(x)
+    d = x.shape[-1]
+    block = triton.next_power_of_2(d)
+    _gelu_rows[(x.numel() // d,)](x, out.values, out.scale, d, FP8_MAX, BLOCK=block, num_warps=_warps(block))
+    return _finish(out)
+
+
+def steps_off(rows: Fp8Rows, reference: Fp8Rows) -> float:
+    """Largest difference of the dequantised rows, in e4m3 steps at the top of the reference's row
+    (the row's scale · 32: e4m3's step between 256 and 448)."""
+    got = rows.values.float() * rows.scale
+    want = reference.values.float() * reference.scale
+    return float(((got - want).abs() / (reference.scale * 32)).max())
+
+
+def timed(calls: list[Callable[[], object]], reps: int, device: torch.device) -> float:
+    """Milliseconds per call, cycling through `calls` (one per input set)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for call in calls:
+        call()
+    sync()
+    start = time.perf_counter()
+    for i in range(reps):
+        calls[i % len(calls)]()
+    sync()
+    return round((time.perf_counter() - start) / reps * 1e3, 4)
+
+
+def inputs(tokens: int, dim: int, ffn: int, groups: int, device: torch.device, seed: int) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rand(*shape, dtype=BF16, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    return {
+        "x": rand(1, tokens, dim, std=3.0),
+        "stream": rand(1, tokens, dim, dtype=torch.float32, std=3.0),
+        "y": rand(1, tokens, dim),
+        "shift": rand(1, groups, 1, dim, dtype=torch.float32, std=0.3),
+        "scale": rand(1, groups, 1, dim, dtype=torch.float32, std=0.3),
+        "hidden": rand(1, tokens, ffn, std=2.0),
+    }
+
+
+def cases(compiled: chains.Chains) -> dict[str, tuple[Callable, Callable, Callable]]:
+    """name -> (eager chain, compiled chain, Triton kernel), each taking one input set."""
+
+    def chain_of(c: chains.Chains) -> dict[str, Callable]:
+        return {
+            "modulated_norm": lambda s: c.modulated_norm(s["x"], s["shift"], s["scale"], EPS, FP8),
+            "add_then_modulated_norm": lambda s: c.add_then_modulated_norm(
+                s["stream"], s["y"], s["shift"], s["scale"], EPS, FP8
+            ),
+            "gelu": lambda s: c.gelu(s["hidden"], FP8),
+        }
+
+    kernels = {
+        "modulated_norm": lambda s: modulated_norm_rows(s["x"], s["shift"], s["scale"], EPS),
+        "add_then_modulated_norm": lambda s: modulated_norm_rows(
+            None, s["shift"], s["scale"], EPS, stream=s["stream"], y=s["y"]
+        ),
+        "gelu": lambda s: gelu_rows(s["hidden"]),
+    }
+    eager, fused = chain_of(chains.EAGER), chain_of(compiled)
+    return {name: (eager[name], fused[name], kernels[name]) for name in kernels}
+
+
+def rows_of(result) -> Fp8Rows:
+    """The rows of a chain's result ((stream, rows) for add_then_modulated_norm)."""
+    return result if isinstance(result, Fp8Rows) else result[1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--reps", type=int, default=40)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    tiny = device.type == "cpu"
+    tokens, dim, ffn, groups = (12, 80, 200, 3) if tiny else (3168, 5120, 13824, 3)
+    sets = [inputs(tokens, dim, ffn, groups, device, seed) for seed in range(2 if tiny else SETS)]
+    compiled = chains.EAGER if tiny else chains.compiled_chains()  # inductor on a CPU: not what is probed
+    results = {"device": torch.cuda.get_device_name(device) if not tiny else "cpu (Triton interpreter)"}
+    results["shapes"] = {"tokens": tokens, "dim": dim, "ffn": ffn, "groups": groups}
+    for name, (eager, fused, kernel) in cases(compiled).items():
+        reference = rows_of(eager(sets[0]))
+        row = {
+            "compiled_steps_off_eager": steps_off(rows_of(fused(sets[0])), reference),
+            "triton_steps_off_eager": steps_off(rows_of(kernel(sets[0])), reference),
+        }
+        if name == "add_then_modulated_norm":
+            stream = eager(sets[0])[0]
+            row["triton_stream_max_diff"] = float((kernel(sets[0])[0] - stream).abs().max())
+        if not tiny:
+            reps = args.reps
+            for label, call in (("compiled", fused), ("triton", kernel)):
+                row[f"{label}_ms_cold"] = timed([lambda s=s, call=call: call(s) for s in sets], reps, device)
+                row[f"{label}_ms_hot"] = timed([lambda call=call: call(sets[0])], reps, device)
+        results[name] = row
+        print(name, json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "row_kernels_bench.json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
