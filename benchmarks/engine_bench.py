@@ -1,7 +1,8 @@
 """Benchmark the LiveAvatar engine with seeded random full-size weights on one GPU.
 
 For each precision (bf16, fp8), area (704x384, 384x256) and way of running (`--chains`: eager or
-compiled element-wise chains, `chains.py`; graphs: compiled, block forwards replayed as CUDA graphs,
+compiled element-wise chains, `chains.py`; rows: compiled, the chains that feed fp8 linears as
+one-pass Triton kernels, `row_kernels.py`; graphs: compiled, block forwards replayed as CUDA graphs,
 `graphs.py`; overlap: graphs, each block decoded on a second stream): a warm-up segment (one clip: the prompt
 encode, the portrait encode and first-call costs, reported as "cold"), then a timed segment of
 `--clips` 48-frame clips from the same portrait (steady state), then a one-clip segment continued from
@@ -371,13 +372,17 @@ def run_orders(args, engine: LiveAvatarEngine, device_name: str) -> int:
 
 
 def run_config(size: str, precision: str, chains: str, resident_encoders: bool) -> GenerationConfig:
-    """A row's config: `chains` is eager, compiled, graphs (compiled chains replayed as CUDA graphs) or
-    overlap (graphs, the decode on a second stream)."""
-    if chains not in ("eager", "compiled", "graphs", "overlap"):
-        raise SystemExit(f"engine_bench: --chains {chains!r}: expected eager, compiled, graphs or overlap")
+    """A row's config: `chains` is eager, compiled, rows (compiled, the fp8 chains as one-pass Triton
+    kernels), graphs (compiled chains replayed as CUDA graphs) or overlap (graphs, the decode on a
+    second stream)."""
+    if chains not in ("eager", "compiled", "rows", "graphs", "overlap"):
+        raise SystemExit(
+            f"engine_bench: --chains {chains!r}: expected eager, compiled, rows, graphs or overlap"
+        )
     return GenerationConfig.for_output(size, precision).replace(
         offload_encoders=not resident_encoders,
         compile=chains != "eager",
+        row_kernels=chains == "rows",
         cuda_graphs=chains in ("graphs", "overlap"),
         overlap_decode=chains == "overlap",
     )
@@ -493,9 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chains",
         default="eager,compiled",
-        help="comma-separated ways to run: eager, compiled (torch.compile of the chains), graphs (compiled "
-        "chains, block forwards replayed as CUDA graphs), overlap (graphs, and each block decoded on a "
-        "second stream while the next block's DiT runs)",
+        help="comma-separated ways to run: eager, compiled (torch.compile of the chains), rows (compiled, "
+        "the fp8 chains as one-pass Triton kernels), graphs (compiled chains, block forwards replayed as "
+        "CUDA graphs), overlap (graphs, and each block decoded on a second stream while the next "
+        "block's DiT runs)",
     )
     parser.add_argument(
         "--orders", action="store_true", help="block vs sweep order, streamed weights, starts"
@@ -569,7 +575,11 @@ def main(argv: list[str] | None = None) -> int:
                     row.max_diff_vs_eager = int(level_diff(frame, eager_frame).max())
                 if chains == "compiled":
                     compiled_frame = frame
-                elif chains in ("graphs", "overlap") and frame is not None and compiled_frame is not None:
+                elif (
+                    chains in ("rows", "graphs", "overlap")
+                    and frame is not None
+                    and compiled_frame is not None
+                ):
                     row.max_diff_vs_compiled = int(level_diff(frame, compiled_frame).max())
                 if precision == "bf16" and frame is not None:
                     bf16_frames[size, chains] = frame

@@ -1,9 +1,9 @@
-"""One pass per chain: hand-written Triton kernels against the compiled chains (issue 12, round 6 probe).
+"""One pass per chain: the Triton kernels of `row_kernels.py` against the compiled chains (issue 12).
 
 The round-6 profile found each compiled chain that feeds an fp8 linear running as several kernels
 (statistics, normalise and modulate, row maximum, quantise), each reading or writing the whole
 activation. A token's row (5,120 or 13,824 values) fits in one program's registers, so a chain can read
-its inputs once and write e4m3 values and one scale per row once. This probe measures that, at the
+its inputs once and write e4m3 values and one scale per row once. This measures that, at the
 DiT's shapes (a 3,168-token block at 704x384, three latent frames of 1,056 tokens, dim 5,120, FFN
 13,824), for three chains, each against `chains.compiled_chains()`'s version with `dtype=FP8`:
 
@@ -17,10 +17,10 @@ fp8_rows_bench.py timed round 5's chains). Error: each kernel's dequantised rows
 chain's, in e4m3 steps of the row's scale. Writes OUT/row_kernels_bench.json.
 
 `--device cpu` runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, set by this script) at tiny
-shapes: a check of the script and of the kernels' values, not of speed. It needs the `triton` package,
-which torch's CUDA wheels bring and a CPU-only install does not (`pip install triton`). Run that way on
-2026-12-03: every kernel within one e4m3 step of the eager chain (a bf16 rounding of the normalised
-value or the GELU that lands the other way), the float32 stream exact.
+shapes: a check of the script and of the kernels' values, not of speed (the `triton` package is in the
+dev extra; torch's CUDA wheels bring their own). Run that way on 2026-12-03: every kernel within one
+e4m3 step of the eager chain (a bf16 rounding of the normalised value or the GELU that lands the other
+way), the float32 stream exact.
 
     PYTHONPATH=. python benchmarks/row_kernels_bench.py OUT [--reps 20] [--device cpu]
 """
@@ -35,106 +35,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-INTERPRETED = "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu"
-if INTERPRETED:
+if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from liveavatar_core.engines.liveavatar import chains  # noqa: E402
-from liveavatar_core.engines.liveavatar.chains import FP8, FP8_MAX, Fp8Rows  # noqa: E402
+from liveavatar_core.engines.liveavatar.chains import FP8, Fp8Rows  # noqa: E402
+from liveavatar_core.engines.liveavatar.row_kernels import (  # noqa: E402
+    add_then_modulated_norm_rows,
+    gelu_rows,
+    modulated_norm_rows,
+)
 
 EPS = 1e-6
 SETS = 8  # input sets rotated through for cold timings
 BF16 = torch.bfloat16
-
-
-@triton.jit
-def _modulated_norm_rows(
-    x_ptr, y_ptr, stream_ptr, shift_ptr, scale_ptr, q_ptr, s_ptr,
-    D, rows_per_group, eps, fp8_max,
-    ADD: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """One token per program: [x (+ y, stored as the new float32 stream)] -> layer norm -> modulation ->
-    e4m3 values and the row's scale."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < D
-    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    if ADD:
-        x = x + tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(stream_ptr + row * D + cols, x, mask=mask)
-    mean = tl.sum(x, axis=0) / D
-    centred = tl.where(mask, x - mean, 0.0)
-    normed = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / D + eps)
-    if not ADD:  # the chain's layer norm rounds to x's dtype (bf16); a float32 stream is not rounded
-        normed = normed.to(tl.bfloat16).to(tl.float32)
-    group = row // rows_per_group
-    gain = 1.0 + tl.load(scale_ptr + group * D + cols, mask=mask, other=0.0)
-    out = normed * gain + tl.load(shift_ptr + group * D + cols, mask=mask, other=0.0)
-    row_scale = tl.maximum(tl.max(tl.where(mask, tl.abs(out), 0.0), axis=0), 1e-12) / fp8_max
-    tl.store(q_ptr + row * D + cols, (out / row_scale).to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row, row_scale)
-
-
-@triton.jit
-def _gelu_rows(x_ptr, q_ptr, s_ptr, D, fp8_max, BLOCK: tl.constexpr):
-    """One token per program: tanh GELU (0.5·x·(1 + tanh(u)) = x·sigmoid(2u)), rounded to bf16 as the
-    chain's bf16 GELU is, -> e4m3 values and the row's scale."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < D
-    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    out = (x * tl.sigmoid(2.0 * u)).to(tl.bfloat16).to(tl.float32)
-    row_scale = tl.maximum(tl.max(tl.where(mask, tl.abs(out), 0.0), axis=0), 1e-12) / fp8_max
-    tl.store(q_ptr + row * D + cols, (out / row_scale).to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + row, row_scale)
-
-
-def _rows_out(x: torch.Tensor) -> Fp8Rows:
-    """Uninitialised rows for x. In the interpreter the values are float32, cast to e4m3 by torch after
-    the kernel (`_finish`): the interpreter's own float32 -> e4m3 conversion loses the carry when a value
-    rounds up into the next power of two (124 -> 64), which the GPU's conversion does not."""
-    dtype = torch.float32 if INTERPRETED else FP8
-    values = torch.empty(x.shape, dtype=dtype, device=x.device)
-    return Fp8Rows(values, torch.empty(*x.shape[:-1], 1, device=x.device))
-
-
-def _finish(rows: Fp8Rows) -> Fp8Rows:
-    return rows if rows.values.dtype == FP8 else Fp8Rows(rows.values.to(FP8), rows.scale)
-
-
-def _warps(block: int) -> int:
-    return max(4, min(16, block // 512))
-
-
-def modulated_norm_rows(x, shift, scale, eps, stream=None, y=None) -> Fp8Rows | tuple[torch.Tensor, Fp8Rows]:
-    """The Triton `modulated_norm` (or, given the float32 `stream` and `y`, `add_then_modulated_norm`)."""
-    b, n, d = (stream if stream is not None else x).shape
-    rows_per_group = n // shift.shape[1]
-    add = stream is not None
-    source = stream if add else x
-    new_stream = torch.empty_like(stream) if add else source
-    out = _rows_out(source)
-    block = triton.next_power_of_2(d)
-    _modulated_norm_rows[(b * n,)](
-        source, y if add else source, new_stream, shift.contiguous(), scale.contiguous(), out.values,
-        out.scale, d, rows_per_group, eps, FP8_MAX, ADD=add, BLOCK=block, num_warps=_warps(block),
-    )  # fmt: skip
-    return (new_stream, _finish(out)) if add else _finish(out)
-
-
-def gelu_rows(x: torch.Tensor) -> Fp8Rows:
-    out = _rows_out(x)
-    d = x.shape[-1]
-    block = triton.next_power_of_2(d)
-    _gelu_rows[(x.numel() // d,)](x, out.values, out.scale, d, FP8_MAX, BLOCK=block, num_warps=_warps(block))
-    return _finish(out)
 
 
 def steps_off(rows: Fp8Rows, reference: Fp8Rows) -> float:
@@ -188,8 +106,8 @@ def cases(compiled: chains.Chains) -> dict[str, tuple[Callable, Callable, Callab
 
     kernels = {
         "modulated_norm": lambda s: modulated_norm_rows(s["x"], s["shift"], s["scale"], EPS),
-        "add_then_modulated_norm": lambda s: modulated_norm_rows(
-            None, s["shift"], s["scale"], EPS, stream=s["stream"], y=s["y"]
+        "add_then_modulated_norm": lambda s: add_then_modulated_norm_rows(
+            s["stream"], s["y"], s["shift"], s["scale"], EPS
         ),
         "gelu": lambda s: gelu_rows(s["hidden"]),
     }

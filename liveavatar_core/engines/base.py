@@ -50,6 +50,9 @@ class GenerationConfig:
     overlap_decode: decode each block on a second CUDA stream while the next block's DiT runs (same
     pictures; both steps' working memory at once). Off by default: on an H200 +3% fp8, -10% bf16 in
     round 4, -15% fp8 in round 6.
+    row_kernels: with compiled chains and fp8, the chains that feed fp8 linears (the modulated norms, the
+    GELU) as one-pass Triton kernels (`row_kernels.py`; within an e4m3 step of the compiled chains). Off
+    by default until measured end to end on a GPU (docs/engine-speed.md, round 6).
     """
 
     height: int = 704
@@ -64,6 +67,7 @@ class GenerationConfig:
     sweep_blocks: int = 64  # 64 blocks: 30.7 s of video, a whole default segment
     cuda_graphs: bool = False
     overlap_decode: bool = False
+    row_kernels: bool = False
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return dataclasses.replace(self, **changes)

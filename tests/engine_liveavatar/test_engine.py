@@ -135,6 +135,13 @@ def test_compiled_chains_are_the_engines_choice_unless_the_config_says(engine):
     assert diff <= 8, diff  # rounding-level differences only (float32 model: usually none)
 
 
+def test_row_kernels_are_refused_by_name_without_a_gpu(engine):
+    with pytest.raises(BackendUnavailable, match="row_kernels: needs a CUDA device, not cpu"):
+        run(engine, request(speech(12), config=SIZE.replace(row_kernels=True)))
+    frames, result = run(engine, request(speech(12)))  # the engine goes on as before
+    assert result.details["chains"] == "eager" and len(frames) == 12
+
+
 @pytest.mark.parametrize("knob", ["cuda_graphs", "overlap_decode"])
 def test_graphs_and_decode_overlap_only_on_cuda_with_weights_and_rings_there(engine, knob):
     """Off unless asked, never with streamed weights or rings; asked for on a CPU: refused, named."""

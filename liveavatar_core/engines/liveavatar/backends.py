@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ...errors import LiveAvatarError, OutOfMemory
-from .chains import EAGER, FP8, FP8_MAX, Fp8Rows, compiled_chains, use_chains
+from .chains import EAGER, FP8, FP8_MAX, Fp8Rows, compiled_chains, row_kernel_chains, use_chains
 from .kv_cache import RingKVCache
 
 # Linear layers inside the blocks that fp8 converts, by their last name parts (all 40 blocks).
@@ -513,10 +513,22 @@ def compile_problem() -> str | None:
     return None
 
 
-def apply_compile(model: nn.Module) -> None:
-    """Run the model's element-wise chains compiled (`chains.py`)."""
+def row_kernels_problem(device: torch.device) -> str | None:
+    """Why the one-pass Triton kernels cannot run here (None when they can)."""
+    if device.type != "cuda":
+        return f"needs a CUDA device, not {device}"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "needs the triton package (torch's CUDA wheels bring it)"
+    return None
+
+
+def apply_compile(model: nn.Module, row_kernels: bool = False) -> None:
+    """Run the model's element-wise chains compiled (`chains.py`), the fp8 ones as one-pass Triton
+    kernels if asked (`row_kernels.py`)."""
     require("compile", compile_problem())
-    use_chains(model, compiled_chains())
+    use_chains(model, row_kernel_chains() if row_kernels else compiled_chains())
 
 
 def remove_compile(model: nn.Module) -> None:
@@ -537,6 +549,7 @@ __all__ = [
     "pinned_buffer_views",
     "quantise_weight",
     "remove_compile",
+    "row_kernels_problem",
     "fp8_linear_names",
     "fp8_problem",
     "is_fp8",

@@ -233,6 +233,39 @@ def compiled_chains() -> Chains:
     return Chains("compiled", functools.partial(torch.compile, fullgraph=True, dynamic=False))
 
 
+@functools.cache
+def row_kernel_chains() -> Chains:
+    """The compiled chains, except that the three whose bf16 rows feed fp8 linears (the modulated
+    norms and the GELU) run as one-pass Triton kernels when called with `dtype=FP8` (`row_kernels.py`;
+    needs a GPU Triton supports, or its interpreter)."""
+    from . import row_kernels
+
+    compiled = compiled_chains()
+    rows = Chains("rows", lambda f: getattr(compiled, f.__name__))
+
+    def modulated_norm(x, shift, scale, eps, dtype):
+        if dtype != FP8 or x.dtype != torch.bfloat16:
+            return compiled.modulated_norm(x, shift, scale, eps, dtype)
+        return row_kernels.modulated_norm_rows(x, shift, scale, eps)
+
+    def add_then_modulated_norm(x32, y, shift, scale, eps, dtype):
+        if dtype != FP8 or x32.dtype != torch.float32:
+            return compiled.add_then_modulated_norm(x32, y, shift, scale, eps, dtype)
+        return row_kernels.add_then_modulated_norm_rows(x32, y, shift, scale, eps)
+
+    def gelu(x, dtype):
+        if dtype != FP8 or x.dtype != torch.bfloat16:
+            return compiled.gelu(x, dtype)
+        return row_kernels.gelu_rows(x)
+
+    rows.modulated_norm, rows.add_then_modulated_norm, rows.gelu = (
+        modulated_norm,
+        add_then_modulated_norm,
+        gelu,
+    )
+    return rows
+
+
 def use_chains(model: nn.Module, chains: Chains) -> None:
     """Every module of `model` that runs chains runs these."""
     for module in model.modules():
@@ -240,4 +273,14 @@ def use_chains(model: nn.Module, chains: Chains) -> None:
             module.chains = chains
 
 
-__all__ = ["EAGER", "FP8", "FP8_MAX", "Chains", "Fp8Rows", "compiled_chains", "quantise_rows", "use_chains"]
+__all__ = [
+    "EAGER",
+    "FP8",
+    "FP8_MAX",
+    "Chains",
+    "Fp8Rows",
+    "compiled_chains",
+    "quantise_rows",
+    "row_kernel_chains",
+    "use_chains",
+]

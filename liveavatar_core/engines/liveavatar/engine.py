@@ -52,6 +52,7 @@ from .backends import (
     offload_problem,
     remove_compile,
     require,
+    row_kernels_problem,
     visiting,
 )
 from .checkpoint import Placement, load_dit, random_init
@@ -361,8 +362,9 @@ class LiveAvatarEngine(Engine):
             offload = BlockWeightOffload(dit, self.device)  # adopts the host weights, then places
             offload.remove(to_device=True)  # them on the device, all or none
         # After fp8, whose new linears start with eager chains.
+        row_kernels = self._row_kernels(config)  # refused by name where they cannot run
         if self._compiles(config):
-            apply_compile(dit)
+            apply_compile(dit, row_kernels=row_kernels)
         else:
             remove_compile(dit)
         # Graphs bake in the weights' addresses and the chains that ran: new ones when either changes.
@@ -395,6 +397,12 @@ class LiveAvatarEngine(Engine):
         if config.compile is not None:
             return config.compile
         return self.device.type == "cuda" and compile_problem() is None
+
+    def _row_kernels(self, config: GenerationConfig) -> bool:
+        """One-pass Triton kernels for the fp8 chains, where asked (they replace compiled chains)."""
+        if config.row_kernels:
+            require("row_kernels", row_kernels_problem(self.device))
+        return config.row_kernels and self._compiles(config)
 
     def _graphs(self, config: GenerationConfig) -> bool:
         """CUDA graphs of the block forwards, where asked: only with weights and rings on the GPU (streamed
