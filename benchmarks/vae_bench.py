@@ -7,7 +7,9 @@ clip. Every variant decodes the same latents; reported: seconds per clip (median
 memory, and the uint8 frames' difference to today's (largest, and the share of values that differ by
 more than one level). Variants are `vae_decode.DecodeOptions`; `+benchmark` rows also turn on
 `torch.backends.cudnn.benchmark` (they run last: it is a process-wide switch); `whole clip` rows decode
-each clip's 12 latents in one call.
+each clip's 12 latents in one call; the `round-5 norm` row compiles the norm as rounds 3-5 did (the
+channels dynamic), the "before" of round 6's static channels (`--only "compiled, channels-last"` puts
+today's fast path first, so the frame columns compare the two).
 
     PYTHONPATH=. python benchmarks/vae_bench.py OUT [--size 704x384] [--clips 3]
     PYTHONPATH=. python benchmarks/vae_bench.py OUT --tiny --size 64x64 --clips 1   # CPU check
