@@ -171,22 +171,15 @@ class Row:
 def bench(
     engine: LiveAvatarEngine,
     config: GenerationConfig,
+    chains: str,
     clips: int,
     budget: int | None = None,
     continued_segment: bool = True,
     segments: int = 1,
 ) -> tuple[Row, np.ndarray | None]:
-    """One row, and the timed segment's last frame. Each segment goes down the ladder."""
+    """One row (`chains`: how `run_config` made `config`), and the timed segment's last frame. Each
+    segment goes down the ladder."""
     precision = "fp8" if config.fp8 else str(engine.dtype).removeprefix("torch.")
-    chains = (
-        "overlap"
-        if config.overlap_decode
-        else "graphs"
-        if config.cuda_graphs
-        else "compiled"
-        if config.compile
-        else "eager"
-    )
     row = Row(config.size, precision, chains, clips)
     last = CountingSink()
 
@@ -564,7 +557,9 @@ def main(argv: list[str] | None = None) -> int:
             eager_frame = compiled_frame = None
             for chains in chains_list:
                 config = run_config(size, precision, chains, args.resident_encoders)
-                row, frame = bench(engine, config, args.clips, budget, not args.no_continue, args.segments)
+                row, frame = bench(
+                    engine, config, chains, args.clips, budget, not args.no_continue, args.segments
+                )
                 row.weights = engine.parts.weights
                 row.cap_gib = args.cap_gib
                 row.load_seconds = round(load_seconds, 2)
