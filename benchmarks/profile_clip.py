@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -50,12 +51,10 @@ def kind_of(name: str) -> str:
 
 def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     """Length of the union of [start, end) intervals (microseconds in, seconds out)."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total / 1e6
+    if not intervals:
+        return 0.0
+    span = max(end for _, end in intervals) - min(start for start, _ in intervals)
+    return (span - sum(b - a for a, b in gaps(intervals))) / 1e6
 
 
 def gaps(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -95,9 +94,8 @@ def label(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} > {names[-1]}"
 
 
-def top(totals: dict[str, float], clips: int, n: int) -> dict[str, float]:
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:n]
-    return {k: round(v / clips, 4) for k, v in ranked}
+def top(totals: Counter[str], clips: int, n: int) -> dict[str, float]:
+    return {k: round(v / clips, 4) for k, v in totals.most_common(n)}
 
 
 def summarise(trace: dict, clips: int, wall: float) -> dict:
@@ -111,10 +109,8 @@ def summarise(trace: dict, clips: int, wall: float) -> dict:
     # Triton launch through the driver API
     blocking = {name: sum(1 for e in runtime if e["name"].startswith(name)) for name in BLOCKING}
     # the launching thread: the one that made the most CUDA calls
-    threads: dict = {}
-    for e in runtime:
-        threads[e["tid"]] = threads.get(e["tid"], 0) + 1
-    main_tid = max(threads, key=threads.get) if threads else None
+    threads = Counter(e["tid"] for e in runtime)
+    main_tid = threads.most_common(1)[0][0] if threads else None
     host_ops = [e for e in events if e.get("cat") in HOST_OPS and e.get("tid") == main_tid]
     launches = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
     launched = [
@@ -122,9 +118,9 @@ def summarise(trace: dict, clips: int, wall: float) -> dict:
         for e in kernels
         if e.get("args", {}).get("correlation") in launches
     ]
-    by_op: dict[str, float] = {}
+    by_op: Counter[str] = Counter()
     for names, (_, k) in zip(enclosing_ops(host_ops, [r["ts"] for r, _ in launched]), launched, strict=True):
-        by_op[label(names)] = by_op.get(label(names), 0.0) + k["dur"] / 1e6
+        by_op[label(names)] += k["dur"] / 1e6
     intervals = [(e["ts"], e["ts"] + e["dur"]) for e in kernels]
     idle = gaps(intervals)
     by_length = {"<20us": 0.0, "20-200us": 0.0, "0.2-2ms": 0.0, ">2ms": 0.0}
@@ -132,12 +128,12 @@ def summarise(trace: dict, clips: int, wall: float) -> dict:
         d = b - a
         key = "<20us" if d < 20 else "20-200us" if d < 200 else "0.2-2ms" if d < 2000 else ">2ms"
         by_length[key] += d / 1e6
-    by_host: dict[str, float] = {}
+    by_host: Counter[str] = Counter()
     long_gaps = [(a, b) for a, b in idle if b - a >= 20]
     for names, (a, b) in zip(
         enclosing_ops(host_ops, [(a + b) / 2 for a, b in long_gaps]), long_gaps, strict=True
     ):
-        by_host[label(names)] = by_host.get(label(names), 0.0) + (b - a) / 1e6
+        by_host[label(names)] += (b - a) / 1e6
     busy = busy_seconds(intervals)
     return {
         "clips": clips,

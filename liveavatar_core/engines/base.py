@@ -36,8 +36,10 @@ class GenerationConfig:
     """What a segment asks of an engine. Engines ignore knobs that mean nothing to them.
 
     Quality knobs: height, width (the generated area; output size is fixed per lecture), steps.
-    Speed/memory knobs (same pictures, slower or smaller): the offload flags and decode_chunk.
-    fp8 changes numerics slightly (per-tensor scaled linears) and sits between the two groups.
+    Speed/memory knobs (same pictures, slower or smaller): the offload flags, order, sweep_blocks,
+    cuda_graphs and overlap_decode.
+    fp8 changes numerics slightly (e4m3 linears, one scale per token and per output channel) and
+    sits between the two groups.
     compile: run with compiled kernels (rounding-level differences); None lets the engine choose.
     order: the denoising order, "block" (block after block) or "sweep" (step-major, layer-major: the
     same pictures; with offload_weights each layer's weights cross to the device once per step sweep).
@@ -45,13 +47,13 @@ class GenerationConfig:
     over more blocks, fewer hold less device state (one block's hidden state per block of a group).
     cuda_graphs: replay block forwards as CUDA graphs (same kernels, same pictures, less host work)
     where weights and rings are on the GPU. Off by default: on an H200 the DiT is GPU-bound and
-    graphs gained 1% (round 4), then lost 8% with fp8 rows (round 6, docs/benchmarks.md); a host whose
+    graphs gained 1% (round 4), then cost the fp8 DiT 8% (round 6, docs/benchmarks.md); a host whose
     CPU cannot keep up may gain more.
     overlap_decode: decode each block on a second CUDA stream while the next block's DiT runs (same
     pictures; both steps' working memory at once). Off by default: on an H200 +3% fp8, -10% bf16 in
-    round 4, -15% fp8 in round 6.
+    round 4; fp8 15% slower end to end in round 6.
     row_kernels: with compiled chains and fp8, the chains that feed fp8 linears (the modulated norms, the
-    GELU) as one-pass Triton kernels (`row_kernels.py`; within an e4m3 step of the compiled chains). Off
+    GELU) as one-pass Triton kernels (`row_kernels.py`; within an e4m3 step of the eager chains). Off
     by default until measured end to end on a GPU (docs/engine-speed.md, round 6).
     """
 

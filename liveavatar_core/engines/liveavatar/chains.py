@@ -223,13 +223,19 @@ class Chains:
 EAGER = Chains("eager")
 
 
+def allow_recompiles(graphs: int = 64) -> None:
+    """Let dynamo keep up to `graphs` graphs per compiled function (its default, 8, is fewer than a
+    chain's shapes or the VAE norm's channel counts and clip lengths need; past it, fullgraph fails)."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+
+
 @functools.cache
 def compiled_chains() -> Chains:
     """The chains under torch.compile (compiled per input shape on first use; a block sees a handful
     of shapes: sink and block token counts, the FFN width, audio tokens)."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    allow_recompiles()
     return Chains("compiled", functools.partial(torch.compile, fullgraph=True, dynamic=False))
 
 
@@ -242,28 +248,27 @@ def row_kernel_chains() -> Chains:
 
     compiled = compiled_chains()
     rows = Chains("rows", lambda f: getattr(compiled, f.__name__))
-
-    def modulated_norm(x, shift, scale, eps, dtype):
-        if dtype != FP8 or x.dtype != torch.bfloat16:
-            return compiled.modulated_norm(x, shift, scale, eps, dtype)
-        return row_kernels.modulated_norm_rows(x, shift, scale, eps)
-
-    def add_then_modulated_norm(x32, y, shift, scale, eps, dtype):
-        if dtype != FP8 or x32.dtype != torch.float32:
-            return compiled.add_then_modulated_norm(x32, y, shift, scale, eps, dtype)
-        return row_kernels.add_then_modulated_norm_rows(x32, y, shift, scale, eps)
-
-    def gelu(x, dtype):
-        if dtype != FP8 or x.dtype != torch.bfloat16:
-            return compiled.gelu(x, dtype)
-        return row_kernels.gelu_rows(x)
-
-    rows.modulated_norm, rows.add_then_modulated_norm, rows.gelu = (
-        modulated_norm,
-        add_then_modulated_norm,
-        gelu,
-    )
+    kernels = {  # chain -> (its kernel, the input dtype the kernel is written for)
+        "modulated_norm": (row_kernels.modulated_norm_rows, torch.bfloat16),
+        "add_then_modulated_norm": (row_kernels.add_then_modulated_norm_rows, torch.float32),
+        "gelu": (row_kernels.gelu_rows, torch.bfloat16),
+    }
+    for name, (kernel, input_dtype) in kernels.items():
+        setattr(rows, name, _fp8_kernel_or(getattr(compiled, name), kernel, input_dtype))
     return rows
+
+
+def _fp8_kernel_or(chain: Callable, kernel: Callable, input_dtype: torch.dtype) -> Callable:
+    """A chain that answers `chain(x, *args, FP8)` on `input_dtype` x with `kernel(x, *args)`, and any
+    other call with `chain` itself."""
+
+    def run(x, *args):
+        *rest, dtype = args
+        if dtype != FP8 or x.dtype != input_dtype:
+            return chain(x, *args)
+        return kernel(x, *rest)
+
+    return run
 
 
 def use_chains(model: nn.Module, chains: Chains) -> None:
@@ -279,6 +284,7 @@ __all__ = [
     "FP8_MAX",
     "Chains",
     "Fp8Rows",
+    "allow_recompiles",
     "compiled_chains",
     "quantise_rows",
     "row_kernel_chains",

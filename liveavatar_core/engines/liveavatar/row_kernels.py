@@ -30,6 +30,8 @@ import triton.language as tl
 
 from .chains import FP8, FP8_MAX, Fp8Rows
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as triton reads it
+
 
 @triton.jit
 def _modulated_norm_kernel(
@@ -117,10 +119,9 @@ def _modulated_norm(x, y, shift, scale, eps) -> tuple[torch.Tensor, Fp8Rows]:
 def _rows_like(x: torch.Tensor):
     """Uninitialised rows for x, and what turns the kernel's output into `Fp8Rows` (see the module
     docstring for the interpreter's float32 values)."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    values = torch.empty(x.shape, dtype=torch.float32 if interpreted else FP8, device=x.device)
+    values = torch.empty(x.shape, dtype=torch.float32 if INTERPRETED else FP8, device=x.device)
     rows = Fp8Rows(values, torch.empty(*x.shape[:-1], 1, device=x.device))
-    if interpreted:
+    if INTERPRETED:
         return rows, lambda r: Fp8Rows(r.values.to(FP8), r.scale)
     return rows, lambda r: r
 

@@ -3,7 +3,7 @@
 diffusers' `WanDecoder3d` runs one latent at a time in the reference loop, and every causal conv
 copies its input twice (`cat` with the cached frames, then `F.pad` for the spatial border); every
 RMS norm makes a float32 copy and then takes five element-wise passes; every 2-D upsample permutes
-the video to frames, upsamples in float32 and permutes back. `decode_chunk` walks the same modules
+the video to frames, upsamples in float32 and permutes back. `FusedDecoder` walks the same modules
 with the same cache list (same slots, same "Rep" marker: states are interchangeable with diffusers'
 loop) but
 
@@ -34,6 +34,8 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     WanResidualBlock,
     WanRMS_norm,
 )
+
+from .chains import allow_recompiles
 
 NormAct = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 
@@ -92,8 +94,7 @@ def compiled_rms_act() -> NormAct:
     """`rms_act` through torch.compile: one kernel per channel count (three in Wan2.1's decoder; the
     channels static, so the norm's reduction over them runs in one pass over memory), other sizes
     dynamic, so clip lengths and levels share it."""
-    # one graph per channel count, and per clip length of one latent or more: beyond dynamo's default 8
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    allow_recompiles()  # one graph per channel count, and per clip length of one latent or more
     # emulate_precision_casts: round where eager rounds (inductor otherwise keeps float32 between steps)
     compiled = torch.compile(rms_act, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
 
@@ -106,7 +107,7 @@ def compiled_rms_act() -> NormAct:
 
 
 class FusedDecoder:
-    """`decode_chunk(x, cache, first)` over a diffusers `WanDecoder3d`'s modules (see module docstring)."""
+    """`decoder(x, cache)` over a diffusers `WanDecoder3d`'s modules (see module docstring)."""
 
     def __init__(self, decoder: WanDecoder3d, options: DecodeOptions):
         self.decoder = decoder
