@@ -241,32 +241,23 @@ def compiled_chains() -> Chains:
 
 @functools.cache
 def row_kernel_chains() -> Chains:
-    """The compiled chains, except that the three whose bf16 rows feed fp8 linears (the modulated
-    norms and the GELU) run as one-pass Triton kernels when called with `dtype=FP8` (`row_kernels.py`;
-    needs a GPU Triton supports, or its interpreter)."""
-    from . import row_kernels
+    """The compiled chains, except the calls a one-pass Triton kernel answers (`row_kernels.KERNELS`:
+    the chains that store fp8 rows, RMSNorm + RoPE, the attention merge; needs a GPU Triton supports,
+    or its interpreter)."""
+    from .row_kernels import KERNELS
 
     compiled = compiled_chains()
     rows = Chains("rows", lambda f: getattr(compiled, f.__name__))
-    kernels = {  # chain -> (its kernel, the input dtype the kernel is written for)
-        "modulated_norm": (row_kernels.modulated_norm_rows, torch.bfloat16),
-        "add_then_modulated_norm": (row_kernels.add_then_modulated_norm_rows, torch.float32),
-        "gelu": (row_kernels.gelu_rows, torch.bfloat16),
-    }
-    for name, (kernel, input_dtype) in kernels.items():
-        setattr(rows, name, _fp8_kernel_or(getattr(compiled, name), kernel, input_dtype))
+    for name, (kernel, answers) in KERNELS.items():
+        setattr(rows, name, _kernel_or(getattr(compiled, name), kernel, answers))
     return rows
 
 
-def _fp8_kernel_or(chain: Callable, kernel: Callable, input_dtype: torch.dtype) -> Callable:
-    """A chain that answers `chain(x, *args, FP8)` on `input_dtype` x with `kernel(x, *args)`, and any
-    other call with `chain` itself."""
+def _kernel_or(chain: Callable, kernel: Callable, answers: Callable[..., bool]) -> Callable:
+    """A chain that runs `kernel` on the calls it `answers`, and `chain` on any other."""
 
-    def run(x, *args):
-        *rest, dtype = args
-        if dtype != FP8 or x.dtype != input_dtype:
-            return chain(x, *args)
-        return kernel(x, *rest)
+    def run(*args):
+        return kernel(*args) if answers(*args) else chain(*args)
 
     return run
 
