@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from liveavatar_core.engines.liveavatar import chains  # noqa: E402
 from liveavatar_core.engines.liveavatar.chains import FP8, Fp8Rows  # noqa: E402
+from liveavatar_core.engines.liveavatar.rope import RopeTable  # noqa: E402
 from liveavatar_core.engines.liveavatar.row_kernels import (  # noqa: E402
     add_then_modulated_norm_rows,
     gelu_rows,
@@ -54,7 +55,6 @@ from liveavatar_core.engines.liveavatar.row_kernels import (  # noqa: E402
     modulated_norm_rows,
     rms_rope,
 )
-from liveavatar_core.engines.liveavatar.rope import RopeTable  # noqa: E402
 
 EPS = 1e-6
 SETS = 8  # input sets rotated through for cold timings

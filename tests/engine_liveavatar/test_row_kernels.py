@@ -121,7 +121,9 @@ def test_row_kernel_chains_send_what_no_kernel_answers_to_the_compiled_chains():
     got = rows.modulated_norm(t["x"], t["shift"], t["scale"], 1e-6, torch.bfloat16)
     assert torch.equal(got, compiled.modulated_norm(t["x"], t["shift"], t["scale"], 1e-6, torch.bfloat16))
     outs, lses = _attention_parts(6, 4)  # four parts: no kernel for those
-    assert torch.equal(rows.merge_attention(outs, lses, FP8).values, compiled.merge_attention(outs, lses, FP8).values)
+    assert torch.equal(
+        rows.merge_attention(outs, lses, FP8).values, compiled.merge_attention(outs, lses, FP8).values
+    )
     assert not row_kernels.KERNELS["rms_rope"][1](t["x"].float(), t["x"][0, 0], 1e-6, None, 4)
 
 
