@@ -5,10 +5,11 @@ The round-6 profile found each compiled chain that feeds an fp8 linear running a
 activation. A token's row (5,120 or 13,824 values) fits in one program's registers, so a chain can read
 its inputs once and write e4m3 values and one scale per row once. This measures that, at the
 DiT's shapes (a 3,168-token block at 704x384, three latent frames of 1,056 tokens, dim 5,120, 40 heads
-of 128, FFN 13,824), for five chains, each against `chains.compiled_chains()`'s version:
+of 128, FFN 13,824), for six chains, each against `chains.compiled_chains()`'s version:
 
 * `modulated_norm`: bf16 x -> layer norm (rounded to bf16) -> `· (1 + scale) + shift` -> e4m3 rows;
 * `add_then_modulated_norm`: float32 stream + bf16 y -> the new stream (float32) and its modulated norm;
+* `residual_then_norm`: bf16 x + y · gate -> the float32 stream and its affine layer norm -> e4m3 rows;
 * `gelu`: the FFN's hidden (bf16) -> tanh GELU (rounded to bf16) -> e4m3 rows;
 * `rms_rope`: a bf16 query -> RMSNorm -> RoPE -> bf16 [tokens, heads, 128];
 * `merge_attention`: three attention parts (ring window, block, sink) and their log-sum-exps -> e4m3
@@ -53,6 +54,7 @@ from liveavatar_core.engines.liveavatar.row_kernels import (  # noqa: E402
     gelu_rows,
     merge_attention_rows,
     modulated_norm_rows,
+    residual_then_norm_rows,
     rms_rope,
 )
 
@@ -100,6 +102,7 @@ def inputs(tokens: int, dim: int, ffn: int, groups: int, heads: int, device: tor
         "scale": rand(1, groups, 1, dim, dtype=torch.float32, std=0.3),
         "hidden": rand(1, tokens, ffn, std=2.0),
         "weight": rand(dim, std=0.3) + 1,
+        "bias": rand(dim, std=0.3),
         "table": RopeTable(angles.cos().to(device), angles.sin().to(device)),
         # three parts as cuDNN returns them: [B, H, N, D] views of [B, N, H, D]
         "outs": [rand(1, tokens, heads, dim // heads).transpose(1, 2) for _ in range(3)],
@@ -116,6 +119,9 @@ def cases(compiled: chains.Chains, heads: int) -> dict[str, tuple[Callable, Call
             "add_then_modulated_norm": lambda s: c.add_then_modulated_norm(
                 s["stream"], s["y"], s["shift"], s["scale"], EPS, FP8
             ),
+            "residual_then_norm": lambda s: c.residual_then_norm(
+                s["x"], s["y"], s["scale"], s["weight"], s["bias"], EPS, FP8
+            ),
             "gelu": lambda s: c.gelu(s["hidden"], FP8),
             "rms_rope": lambda s: c.rms_rope(s["x"], s["weight"], EPS, s["table"], heads),
             "merge_attention": lambda s: c.merge_attention(s["outs"], s["lses"], FP8),
@@ -125,6 +131,9 @@ def cases(compiled: chains.Chains, heads: int) -> dict[str, tuple[Callable, Call
         "modulated_norm": lambda s: modulated_norm_rows(s["x"], s["shift"], s["scale"], EPS),
         "add_then_modulated_norm": lambda s: add_then_modulated_norm_rows(
             s["stream"], s["y"], s["shift"], s["scale"], EPS
+        ),
+        "residual_then_norm": lambda s: residual_then_norm_rows(
+            s["x"], s["y"], s["scale"], s["weight"], s["bias"], EPS
         ),
         "gelu": lambda s: gelu_rows(s["hidden"]),
         "rms_rope": lambda s: rms_rope(s["x"], s["weight"], EPS, s["table"], heads),
@@ -158,7 +167,7 @@ def main() -> int:
             "compiled_steps_off_eager": steps_off(result_of(fused(sets[0])), reference),
             "triton_steps_off_eager": steps_off(result_of(kernel(sets[0])), reference),
         }
-        if name == "add_then_modulated_norm":
+        if name in ("add_then_modulated_norm", "residual_then_norm"):
             stream = eager(sets[0])[0]
             row["triton_stream_max_diff"] = float((kernel(sets[0])[0] - stream).abs().max())
         if not tiny:

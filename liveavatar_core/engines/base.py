@@ -52,9 +52,10 @@ class GenerationConfig:
     overlap_decode: decode each block on a second CUDA stream while the next block's DiT runs (same
     pictures; both steps' working memory at once). Off by default: on an H200 +3% fp8, -10% bf16 in
     round 4; fp8 15% slower end to end in round 6.
-    row_kernels: with compiled chains and fp8, the chains that feed fp8 linears (the modulated norms, the
-    GELU) as one-pass Triton kernels (`row_kernels.py`; within an e4m3 step of the eager chains). Off
-    by default until measured end to end on a GPU (docs/engine-speed.md, round 6).
+    row_kernels: with compiled chains, the chains that have one run as one-pass Triton kernels
+    (`row_kernels.py`: the norms, the GELU and the attention merge that feed fp8 linears, RMSNorm +
+    RoPE; within an e4m3 step of the eager chains). None (default) uses them wherever chains compile
+    on a CUDA GPU Triton supports: fp8 1.06-1.17x end to end on an H200 (round 7, docs/benchmarks.md).
     """
 
     height: int = 704
@@ -69,7 +70,7 @@ class GenerationConfig:
     sweep_blocks: int = 64  # 64 blocks: 30.7 s of video, a whole default segment
     cuda_graphs: bool = False
     overlap_decode: bool = False
-    row_kernels: bool = False
+    row_kernels: bool | None = None
 
     def replace(self, **changes: Any) -> GenerationConfig:
         return dataclasses.replace(self, **changes)

@@ -73,6 +73,20 @@ def test_add_then_modulated_norm_rows_keep_the_stream_exact():
     _assert_rows_close(got, want)
 
 
+def test_residual_then_norm_rows_are_the_chain():
+    t = _inputs(7)
+    g = torch.Generator().manual_seed(7)
+    weight, bias = (
+        _rand(g, DIM, dtype=torch.bfloat16, std=0.3) + 1,
+        _rand(g, DIM, dtype=torch.bfloat16, std=0.3),
+    )
+    args = (t["x"], t["y"], t["scale"], weight, bias, 1e-6)  # the scale as the gate: float32 per group
+    stream, want = EAGER.residual_then_norm(*args, FP8)
+    got_stream, got = row_kernels.residual_then_norm_rows(*args)
+    torch.testing.assert_close(got_stream, stream, rtol=2**-23, atol=0)  # x + y·gate as one FMA on a GPU
+    _assert_rows_close(got, want)
+
+
 def test_gelu_rows_are_the_chains():
     t = _inputs(2)
     _assert_rows_close(row_kernels.gelu_rows(t["hidden"]), EAGER.gelu(t["hidden"], FP8))

@@ -521,6 +521,10 @@ def row_kernels_problem(device: torch.device) -> str | None:
         import triton  # noqa: F401
     except ImportError:
         return "needs the triton package (torch's CUDA wheels bring it)"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return (
+            f"needs a GPU of compute capability 8.0 or newer (bf16), not {torch.cuda.get_device_name(device)}"
+        )
     return None
 
 

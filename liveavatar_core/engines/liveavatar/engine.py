@@ -399,10 +399,13 @@ class LiveAvatarEngine(Engine):
         return self.device.type == "cuda" and compile_problem() is None
 
     def _row_kernels(self, config: GenerationConfig) -> bool:
-        """One-pass Triton kernels for the fp8 chains, where asked (they replace compiled chains)."""
+        """One-pass Triton kernels in place of compiled chains: where asked (refused by name where they
+        cannot run), and by default wherever they can."""
+        problem = row_kernels_problem(self.device)
         if config.row_kernels:
-            require("row_kernels", row_kernels_problem(self.device))
-        return config.row_kernels and self._compiles(config)
+            require("row_kernels", problem)
+        wanted = problem is None if config.row_kernels is None else config.row_kernels
+        return wanted and self._compiles(config)
 
     def _graphs(self, config: GenerationConfig) -> bool:
         """CUDA graphs of the block forwards, where asked: only with weights and rings on the GPU (streamed

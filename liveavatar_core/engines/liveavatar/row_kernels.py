@@ -6,10 +6,11 @@ inductor keeps a 5,120- or 13,824-wide reduction in a loop. Here one program hol
 at a time: it reads the inputs once and writes the result (e4m3 values and the row's scale) once.
 
 * `modulated_norm_rows`: bf16 x -> layer norm (rounded to bf16, as `chains.layer_norm32`) ->
-  `· (1 + scale) + shift` in float32 -> e4m3 rows (`chains.modulated_norm` with `dtype=FP8`); a program
-  takes several rows of one group, so it reads that group's shift and scale once;
+  `· (1 + scale) + shift` in float32 -> e4m3 rows (`chains.modulated_norm` with `dtype=FP8`);
 * `add_then_modulated_norm_rows`: the float32 stream + bf16 y -> the new stream and its modulated norm
   (`chains.add_then_modulated_norm`);
+* `residual_then_norm_rows`: bf16 x + y · gate -> the float32 stream, and the affine layer norm of
+  the stream rounded to bf16 (rounded again) -> e4m3 rows (`chains.residual_then_norm`);
 * `gelu_rows`: tanh GELU in float32, rounded to bf16 (as `nn.GELU` on bf16) -> e4m3 rows
   (`chains.gelu`);
 * `rms_rope`: a bf16 query or key -> RMSNorm (rounded to bf16, then times the bf16 weight, rounded)
@@ -61,29 +62,52 @@ def _store_row(out, mask, q_ptrs, s_ptr, fp8_max):
 
 
 @triton.jit
+def _layer_norm(x, mask, D, eps):
+    """A float32 row's layer norm (no affine), masked columns 0."""
+    mean = tl.sum(x, axis=0) / D
+    centred = tl.where(mask, x - mean, 0.0)
+    return centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / D + eps)
+
+
+@triton.jit
 def _modulated_norm_kernel(
     x_ptr, y_ptr, stream_ptr, shift_ptr, scale_ptr, q_ptr, s_ptr,
     D, rows_per_group, eps, fp8_max,
-    ADD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ADD: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    first = tl.program_id(0).to(tl.int64) * ROWS  # ROWS divides rows_per_group: one group a program
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
-    group = first // rows_per_group
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        x = x + tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(stream_ptr + row * D + cols, x, mask=mask)
+    normed = _layer_norm(x, mask, D, eps)
+    if not ADD:  # the norm of a bf16 input is rounded to bf16; that of the float32 stream is not
+        normed = _round_bf16(normed)
+    group = row // rows_per_group
     gain = 1.0 + tl.load(scale_ptr + group * D + cols, mask=mask, other=0.0)
-    shift = tl.load(shift_ptr + group * D + cols, mask=mask, other=0.0)
-    for r in range(ROWS):
-        row = first + r
-        x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        if ADD:
-            x = x + tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(stream_ptr + row * D + cols, x, mask=mask)
-        mean = tl.sum(x, axis=0) / D
-        centred = tl.where(mask, x - mean, 0.0)
-        normed = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / D + eps)
-        if not ADD:  # the norm of a bf16 input is rounded to bf16; that of the float32 stream is not
-            normed = _round_bf16(normed)
-        _store_row(normed * gain + shift, mask, q_ptr + row * D + cols, s_ptr + row, fp8_max)
+    out = normed * gain + tl.load(shift_ptr + group * D + cols, mask=mask, other=0.0)
+    _store_row(out, mask, q_ptr + row * D + cols, s_ptr + row, fp8_max)
+
+
+@triton.jit
+def _residual_norm_kernel(
+    x_ptr, y_ptr, gate_ptr, w_ptr, b_ptr, stream_ptr, q_ptr, s_ptr,
+    D, rows_per_group, eps, fp8_max,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    gate = tl.load(gate_ptr + (row // rows_per_group) * D + cols, mask=mask, other=0.0)
+    y = tl.load(y_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32) + y * gate
+    tl.store(stream_ptr + row * D + cols, x, mask=mask)
+    normed = _layer_norm(_round_bf16(x), mask, D, eps)  # of the stream rounded to bf16
+    weight = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    out = _round_bf16(normed * weight + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32))
+    _store_row(out, mask, q_ptr + row * D + cols, s_ptr + row, fp8_max)
 
 
 @triton.jit
@@ -166,6 +190,29 @@ def add_then_modulated_norm_rows(
     return _modulated_norm(x32, y, shift, scale, eps)
 
 
+def residual_then_norm_rows(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, Fp8Rows]:
+    """`chains.residual_then_norm(x, y, gate, weight, bias, eps, FP8)`: x, y bf16 [B, N, dim], gate
+    float32 [B, G, 1, dim], weight and bias bf16 [dim] -> the float32 stream x + y·gate and the affine
+    layer norm of the stream rounded to bf16, as e4m3 rows."""
+    b, n, d = x.shape
+    x, y = x.contiguous(), y.contiguous()
+    stream = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    out, finish = _rows_like(x.shape, x.device)
+    block = triton.next_power_of_2(d)
+    _residual_norm_kernel[(b * n,)](
+        x, y, gate.contiguous(), weight, bias, stream, out.values, out.scale, d, n // gate.shape[1], eps,
+        FP8_MAX, BLOCK=block, num_warps=_warps(block),
+    )  # fmt: skip
+    return stream, finish(out)
+
+
 def gelu_rows(x: torch.Tensor) -> Fp8Rows:
     """`chains.gelu(x, FP8)`: x bf16 [..., features]."""
     x = x.contiguous()
@@ -214,13 +261,10 @@ def _modulated_norm(x, y, shift, scale, eps) -> tuple[torch.Tensor, Fp8Rows]:
     x = x.contiguous()
     stream = torch.empty_like(x) if add else x
     out, finish = _rows_like(x.shape, x.device)
-    rows_per_group = n // shift.shape[1]
-    rows = next(r for r in (8, 4, 2, 1) if rows_per_group % r == 0)
     block = triton.next_power_of_2(d)
-    _modulated_norm_kernel[(b * n // rows,)](
+    _modulated_norm_kernel[(b * n,)](
         x, y.contiguous() if add else x, stream, shift.contiguous(), scale.contiguous(), out.values,
-        out.scale, d, rows_per_group, eps, FP8_MAX, ADD=add, ROWS=rows, BLOCK=block,
-        num_warps=_warps(block),
+        out.scale, d, n // shift.shape[1], eps, FP8_MAX, ADD=add, BLOCK=block, num_warps=_warps(block),
     )  # fmt: skip
     return stream, finish(out)
 
@@ -268,6 +312,12 @@ KERNELS: dict[str, tuple[Callable, Callable[..., bool]]] = {
         lambda x32, y, shift, scale, eps, dtype: add_then_modulated_norm_rows(x32, y, shift, scale, eps),
         _fp8_from(torch.float32),
     ),
+    "residual_then_norm": (
+        lambda x, y, gate, weight, bias, eps, dtype: residual_then_norm_rows(x, y, gate, weight, bias, eps),
+        lambda x, y, gate, weight, bias, *args: (
+            args[-1] == FP8 and x.dtype == weight.dtype == bias.dtype == BF16
+        ),
+    ),
     "gelu": (lambda x, dtype: gelu_rows(x), _fp8_from(BF16)),
     "rms_rope": (rms_rope, lambda x, weight, *args: x.dtype == weight.dtype == BF16),
     "merge_attention": (lambda outs, lses, dtype: merge_attention_rows(outs, lses), _merges),
@@ -279,5 +329,6 @@ __all__ = [
     "gelu_rows",
     "merge_attention_rows",
     "modulated_norm_rows",
+    "residual_then_norm_rows",
     "rms_rope",
 ]
