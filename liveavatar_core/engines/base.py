@@ -55,7 +55,8 @@ class GenerationConfig:
     row_kernels: with compiled chains, the chains that have one run as one-pass Triton kernels
     (`row_kernels.py`: the norms, the GELU and the attention merge that feed fp8 linears, RMSNorm +
     RoPE; within an e4m3 step of the eager chains). None (default) uses them wherever chains compile
-    on a CUDA GPU Triton supports: fp8 1.06-1.17x end to end on an H200 (round 7, docs/benchmarks.md).
+    on a CUDA GPU Triton supports: fp8 1.05x end to end on an H200, the median of five side-by-side
+    pairs (round 7, docs/benchmarks.md).
     """
 
     height: int = 704
