@@ -280,7 +280,8 @@ def _rows_like(shape: tuple[int, ...], device: torch.device):
 
 
 def _warps(block: int) -> int:
-    """Warps per program: 16-32 values of the row per thread (8,192-wide rows: 8 warps; 16,384: 16)."""
+    """Warps per program: 16 values of the row per thread, at most 16 warps (a 4,096-wide block: 8
+    warps; 8,192: 16; 16,384: 16 warps of 32 values)."""
     return max(4, min(16, block // 512))
 
 
