@@ -174,6 +174,20 @@ def test_graphs_and_overlapped_decode_give_the_same_frames(liveavatar_checkpoint
     assert engine.parts.dit.graphs.captures > 0 and engine.parts.dit.graphs.replays > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA GPU")
+def test_the_portraits_decoder_state_waits_in_pinned_memory(liveavatar_checkpoint):  # noqa: F811
+    """Kept pinned between segments and copied up without blocking: the same frames from the kept
+    state as from the state just prepared."""
+    engine = LiveAvatarEngine(checkpoint_dir=str(liveavatar_checkpoint), device="cuda")
+    audio = speech(24)
+    first, _ = run(engine, request(audio))  # prepares the portrait
+    second, _ = run(engine, request(audio))  # starts from the kept state
+    (state,) = engine._portraits.values()
+    kept = [t for t in state.decoder_cache if isinstance(t, torch.Tensor)]
+    assert kept and all(t.device.type == "cpu" and t.is_pinned() for t in kept)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+
 def test_warm_up_runs_a_fresh_and_a_continued_segment_and_changes_no_later_output(engine, monkeypatch):
     audio = speech(24, seed=5)
     before, _ = run(engine, request(audio))
