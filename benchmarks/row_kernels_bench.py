@@ -18,13 +18,14 @@ of 128, FFN 13,824), for six chains, each against `chains.compiled_chains()`'s v
 Timed cold (each call reads inputs not touched since eight other input sets were read: 256 MB and more,
 beyond the H200's 50 MB L2, as in a block forward) and hot (the same inputs again, as
 fp8_rows_bench.py timed round 5's chains). Error against the eager chain: dequantised rows in e4m3
-steps at the top of the row; rms_rope's bf16 values in bf16 steps at the top of the tensor. Writes OUT/row_kernels_bench.json.
+steps at the top of the row; rms_rope's bf16 values in bf16 steps at the top of the tensor. Writes
+OUT/row_kernels_bench.json.
 
 `--device cpu` runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, set by this script) at tiny
 shapes: a check of the script and of the kernels' values, not of speed (the `triton` package is in the
-dev extra; torch's CUDA wheels bring their own). Run that way on 2026-12-03: every kernel within one
-e4m3 step of the eager chain (a bf16 rounding of the normalised value or the GELU that lands the other
-way), the float32 stream exact.
+dev extra; torch's CUDA wheels bring their own). Run that way on 2026-12-03 (round 7's kernels, which
+round to bf16 by integer arithmetic as the GPU does): every kernel's values those of the eager chain
+(the merge within 2e-4 of a step), the float32 streams exact.
 
     PYTHONPATH=. python benchmarks/row_kernels_bench.py OUT [--reps 20] [--device cpu]
 """

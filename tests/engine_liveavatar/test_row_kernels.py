@@ -1,5 +1,5 @@
 """The one-pass Triton kernels (`row_kernels.py`) against the eager chains, in Triton's interpreter where
-there is no GPU (conftest.py), and the tiny fp8 DiT running them (`chains.row_kernel_chains`)."""
+there is no GPU (conftest.py), and the tiny DiT running them in bf16 and fp8 (`chains.row_kernel_chains`)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from liveavatar_core.engines.liveavatar.rope import RopeTable
 from tests.engine_liveavatar.test_chains import _predict
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-B, G, S, DIM, FFN = 2, 3, 4, 80, 200  # rows not a power of two wide (masked); 4 rows of a group a program
+B, G, S, DIM, FFN = 2, 3, 4, 80, 200  # rows not a power of two wide: the kernels mask the rest
 HEADS = 4  # head_dim 20 for RoPE (10 channel pairs a head); 5 heads of 16 for the merge (masked to 8)
 
 
@@ -140,7 +140,10 @@ def test_row_kernel_chains_send_what_no_kernel_answers_to_the_compiled_chains():
     assert torch.equal(
         rows.merge_attention(outs, lses, FP8).values, compiled.merge_attention(outs, lses, FP8).values
     )
-    assert not row_kernels.KERNELS["rms_rope"][1](t["x"].float(), t["x"][0, 0], 1e-6, None, 4)
+    float_q, bf16_weight = t["x"].float(), t["x"][0, 0]
+    assert not row_kernels.KERNELS["rms_rope"][1](
+        float_q, bf16_weight, 1e-6, None, 4
+    )  # a float32 q: compiled
 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
