@@ -7,9 +7,10 @@ clip. Every variant decodes the same latents; reported: seconds per clip (median
 memory, and the uint8 frames' difference to today's (largest, and the share of values that differ by
 more than one level). Variants are `vae_decode.DecodeOptions`; `+benchmark` rows also turn on
 `torch.backends.cudnn.benchmark` (they run last: it is a process-wide switch); `whole clip` rows decode
-each clip's 12 latents in one call; the `round-5 norm` row compiles the norm as rounds 3-5 did (the
-channels dynamic), the "before" of round 6's static channels (`--only "compiled, channels-last"` puts
-today's fast path first, so the frame columns compare the two).
+each clip's 12 latents in one call; the `biases unfolded` row adds the residual blocks' conv biases
+in passes of their own, as rounds 3-6 did, the "before" of round 7's folded biases (`--only "compiled,
+channels-last"` puts today's fast path first, so the frame columns compare the two). Round 6's row
+against round 5's norm (channels dynamic) ran in round 7: docs/benchmarks.md.
 
     PYTHONPATH=. python benchmarks/vae_bench.py OUT [--size 704x384] [--clips 3]
     PYTHONPATH=. python benchmarks/vae_bench.py OUT --tiny --size 64x64 --clips 1   # CPU check
@@ -18,7 +19,6 @@ today's fast path first, so the frame columns compare the two).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from diffusers import AutoencoderKLWan  # noqa: E402
 
 from liveavatar_core.engines.liveavatar.vae import WanVideoVAE  # noqa: E402
-from liveavatar_core.engines.liveavatar.vae_decode import DecodeOptions, rms_act  # noqa: E402
+from liveavatar_core.engines.liveavatar.vae_decode import DecodeOptions  # noqa: E402
 
 PRIME_LATENTS = 7
 LATENTS_PER_CLIP = 12
@@ -49,20 +49,8 @@ VARIANTS: list[tuple[str, DecodeOptions, bool, int]] = [  # name, options, cudnn
     ("fused, compiled, channels-last", FAST, False, BLOCK_LATENTS),
     ("fused, compiled, channels-last, whole clip", DecodeOptions(**{**asdict(FAST), "chunk": 12}), False, 12),
     ("fused, compiled, channels-last +benchmark", FAST, True, BLOCK_LATENTS),
-    ("fused, compiled, channels-last, round-5 norm (channels dynamic)", FAST, False, BLOCK_LATENTS),
+    ("fused, compiled, channels-last, biases unfolded (round 6)", FAST, False, BLOCK_LATENTS),
 ]
-
-
-@functools.cache
-def round5_norm():
-    """The compiled norm as rounds 3-5 had it, every size dynamic (the channels too): the "before" of
-    round 6, which made the channels static. Its own function, so dynamo keeps its graphs apart."""
-
-    def rms_act_round5(x, gamma, scale, silu):
-        return rms_act(x, gamma, scale, silu)
-
-    options = {"emulate_precision_casts": True}
-    return torch.compile(rms_act_round5, fullgraph=True, dynamic=True, options=options)
 
 
 def random_vae(base_dim: int, device: torch.device, dtype: torch.dtype) -> WanVideoVAE:
@@ -82,8 +70,8 @@ def decode_variant(
     """Prime, one warm-up clip, then `clips` timed ones; returns (seconds per timed clip, uint8 frames)."""
     device = vae.device
     stream = vae.decoder_stream()
-    if "round-5 norm" in name:
-        stream.fused.norm_act = round5_norm()
+    if "biases unfolded" in name:
+        stream.fused.fold_biases = False
     stream.decode(latents[:, :, :PRIME_LATENTS])
     seconds, frames = [], []
     for c in range(clips + 1):

@@ -24,6 +24,8 @@ from liveavatar_core.engines.liveavatar.vae import (
 )
 from liveavatar_core.engines.liveavatar.vae_decode import (
     DecodeOptions,
+    add_bias_residual,
+    compiled_add_bias_residual,
     compiled_rms_act,
     rms_act,
     upsample_nearest_2x,
@@ -252,6 +254,52 @@ def test_fused_decode_rounds_like_diffusers_in_bfloat16(checkpoint):
     today, _ = _decode_blocks(vae, DecodeOptions(), z, cuts=(1, 3))
     fused, _ = _decode_blocks(vae, DecodeOptions(fused=True), z, cuts=(1, 3))
     assert torch.equal(fused, today)
+
+
+def _decode_folded(vae, options, z, fold: bool):
+    """`_decode_blocks` with the residual blocks' conv biases folded into the next chains, or not."""
+    vae.decode_options = options
+    try:
+        stream = vae.decoder_stream()
+        stream.fused.fold_biases = fold
+        return torch.cat([stream.decode(z[:, :, a:b]) for a, b in ((0, 1), (1, 4), (4, 7))], dim=2)
+    finally:
+        vae.decode_options = DecodeOptions()
+
+
+def test_folded_conv_biases_give_the_same_frames(vae):
+    """In float32 folding the biases into the following chains is the same function (on a GPU it
+    saves the bias pass cuDNN's 3-D convolutions take in PyTorch; there the values are the same bits,
+    test_folded_conv_biases_give_the_same_bits_on_a_gpu)."""
+    z = latents(7, seed=11)
+    options = DecodeOptions(chunk=3, fused=True, channels_last=True)
+    folded, plain = (_decode_folded(vae, options, z, fold) for fold in (True, False))
+    assert folded.shape == plain.shape == (1, 3, 25, H, W)
+    assert (folded - plain).abs().max().item() < 1e-5 and not torch.equal(folded, plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the separate bias pass is cuDNN's, on a GPU")
+def test_folded_conv_biases_give_the_same_bits_on_a_gpu(checkpoint):
+    vae = WanVideoVAE.load(checkpoint).to("cuda", torch.bfloat16)
+    z = latents(7, seed=12).to("cuda", torch.bfloat16)
+    options = DecodeOptions(chunk=3, fused=True, compiled=True, channels_last=True)
+    folded, plain = (_decode_folded(vae, options, z, fold) for fold in (True, False))
+    assert torch.equal(folded, plain)
+
+
+def test_bias_chains_round_where_a_bias_pass_rounds():
+    g = torch.Generator().manual_seed(10)
+    x, h = (torch.randn(1, 8, 2, 4, 6, generator=g).to(torch.bfloat16) for _ in range(2))
+    bias = torch.randn(8, generator=g).to(torch.bfloat16)
+    gamma = torch.rand(1, 8, 1, 1, 1, generator=g).to(torch.bfloat16) + 0.5
+    added = x + bias.view(1, -1, 1, 1, 1)  # a bf16 add: rounded once
+    assert torch.equal(rms_act(x, gamma, 2.0, True, bias), rms_act(added, gamma, 2.0, True))
+    assert torch.equal(add_bias_residual(x, bias, h), added + h)
+    compiled = compiled_add_bias_residual()(x.contiguous(memory_format=torch.channels_last_3d), bias, h)
+    assert torch.equal(compiled, added + h)
+    with_bias = compiled_rms_act()(x, gamma, 2.0, True, bias)
+    want = rms_act(added, gamma, 2.0, True)
+    assert ((with_bias.float() - want.float()).abs() <= want.float().abs() * 2**-7).all()
 
 
 def test_compiled_norm_chain_equals_the_eager_one():

@@ -10,6 +10,9 @@ loop) but
 * takes several latents per call (the convs see longer clips: fewer, larger launches);
 * lets the conv pad the border itself (one copy per conv: the `cat` with the cache);
 * runs each RMS norm (+ SiLU) as one chain (`torch.compile`d into one kernel when asked);
+* on a GPU, where PyTorch adds a 3-D conv's bias in a pass of its own after cuDNN's kernel, adds a
+  residual block's conv biases inside the chains that follow (the second norm; the residual add),
+  rounded where that pass rounds: the same values, two passes fewer per block;
 * runs the per-frame 2-D convs as 1x3x3 3-D convs, with no permutes, and upsamples in the model dtype
   (nearest neighbour copies values, so that is exact);
 * optionally keeps activations channels-last (NDHWC), the layout cuDNN's tensor-core kernels use.
@@ -37,7 +40,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
 
 from .chains import allow_recompiles
 
-NormAct = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
+NormAct = Callable[..., torch.Tensor]  # rms_act's signature
 
 
 @dataclass(frozen=True)
@@ -76,17 +79,44 @@ def decode_options(compiled: bool, saving_memory: bool) -> DecodeOptions:
     return FAST_LEAN if saving_memory else FAST
 
 
-def rms_act(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool) -> torch.Tensor:
-    """Wan's RMS norm over channels (dim 1), times gamma, then SiLU if asked.
+def rms_act(
+    x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Wan's RMS norm over channels (dim 1), times gamma, then SiLU if asked; of x + bias (the bias of
+    the conv that made x, per channel) where a bias is given.
 
-    Rounds to x's dtype where diffusers' eager steps do (after the normalisation, each product, the
-    SiLU), so that one compiled kernel gives the same values as those four."""
+    Rounds to x's dtype where diffusers' eager steps do (after the bias, the normalisation, each
+    product, the SiLU), so that one compiled kernel gives the same values as those steps."""
     dtype = x.dtype
+    if bias is not None:
+        x = (x.float() + bias.float().view(1, -1, 1, 1, 1)).to(dtype)
     y = x.float()
     y = (y / torch.linalg.vector_norm(y, dim=1, keepdim=True).clamp_min(1e-12)).to(dtype)
     y = (y.float() * scale).to(dtype)
     y = (y.float() * gamma.float()).to(dtype)
     return F.silu(y.float()).to(dtype) if silu else y
+
+
+def add_bias_residual(x: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(x + bias per channel) + h, rounded to x's dtype after each add, as a conv's bias pass and the
+    residual block's add round."""
+    x = (x.float() + bias.float().view(1, -1, 1, 1, 1)).to(x.dtype)
+    return (x.float() + h.float()).to(x.dtype)
+
+
+@functools.cache
+def compiled_add_bias_residual() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`add_bias_residual` through torch.compile: one pass, the channels static, as the norm's."""
+    allow_recompiles()
+    options = {"emulate_precision_casts": True}
+    compiled = torch.compile(add_bias_residual, fullgraph=True, dynamic=True, options=options)
+
+    def add(x: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.mark_static(x, 1)
+        torch._dynamo.mark_static(bias, 0)
+        return compiled(x, bias, h)
+
+    return add
 
 
 @functools.cache
@@ -98,10 +128,14 @@ def compiled_rms_act() -> NormAct:
     # emulate_precision_casts: round where eager rounds (inductor otherwise keeps float32 between steps)
     compiled = torch.compile(rms_act, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
 
-    def norm_act(x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool) -> torch.Tensor:
+    def norm_act(
+        x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         torch._dynamo.mark_static(x, 1)
         torch._dynamo.mark_static(gamma, 1)
-        return compiled(x, gamma, scale, silu)
+        if bias is not None:
+            torch._dynamo.mark_static(bias, 0)
+        return compiled(x, gamma, scale, silu, bias)
 
     return norm_act
 
@@ -109,10 +143,15 @@ def compiled_rms_act() -> NormAct:
 class FusedDecoder:
     """`decoder(x, cache)` over a diffusers `WanDecoder3d`'s modules (see module docstring)."""
 
-    def __init__(self, decoder: WanDecoder3d, options: DecodeOptions):
+    def __init__(self, decoder: WanDecoder3d, options: DecodeOptions, fold_biases: bool | None = None):
+        """fold_biases: add the residual blocks' conv biases in the chains that follow; None: on a GPU,
+        where that saves a pass (on a CPU the conv adds its bias before rounding, so folding would
+        round once more)."""
         self.decoder = decoder
         self.options = options
+        self.fold_biases = fold_biases
         self.norm_act: NormAct = compiled_rms_act() if options.compiled else rms_act
+        self.add_bias_residual = compiled_add_bias_residual() if options.compiled else add_bias_residual
         self.layout = torch.channels_last_3d if options.channels_last else torch.contiguous_format
 
     def __call__(self, x: torch.Tensor, cache: list) -> torch.Tensor:
@@ -135,17 +174,26 @@ class FusedDecoder:
 
     # pieces -------------------------------------------------------------------------------------------
 
-    def _norm(self, norm: WanRMS_norm, x: torch.Tensor, silu: bool) -> torch.Tensor:
+    def _norm(
+        self, norm: WanRMS_norm, x: torch.Tensor, silu: bool, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not isinstance(norm.bias, float) or norm.bias != 0.0:
             raise ValueError("fused VAE decode: RMS norm with a bias is not Wan2.1's")
-        return self.norm_act(x, norm.gamma.view(1, -1, 1, 1, 1), norm.scale, silu)
+        return self.norm_act(x, norm.gamma.view(1, -1, 1, 1, 1), norm.scale, silu, bias)
 
     def _resnet(self, block: WanResidualBlock, x: torch.Tensor, cache: list, slot) -> torch.Tensor:
         shortcut = block.conv_shortcut
         h = x if isinstance(shortcut, torch.nn.Identity) else self._pointwise(shortcut, x)
-        x = self._conv(block.conv1, self._norm(block.norm1, x, silu=True), cache, next(slot))
-        x = self._conv(block.conv2, self._norm(block.norm2, x, silu=True), cache, next(slot))
-        return x.add_(h)
+        conv1, conv2 = block.conv1, block.conv2
+        fold = x.is_cuda if self.fold_biases is None else self.fold_biases
+        if not fold or conv1.bias is None or conv2.bias is None:
+            x = self._conv(conv1, self._norm(block.norm1, x, silu=True), cache, next(slot))
+            x = self._conv(conv2, self._norm(block.norm2, x, silu=True), cache, next(slot))
+            return x.add_(h)
+        x = self._conv(conv1, self._norm(block.norm1, x, silu=True), cache, next(slot), with_bias=False)
+        x = self._norm(block.norm2, x, silu=True, bias=conv1.bias)
+        x = self._conv(conv2, x, cache, next(slot), with_bias=False)
+        return self.add_bias_residual(x, conv2.bias, h)
 
     def _pointwise(self, conv: WanCausalConv3d, x: torch.Tensor) -> torch.Tensor:
         return F.conv3d(x, self._weight(conv.weight), conv.bias)
@@ -153,13 +201,18 @@ class FusedDecoder:
     def _weight(self, w: torch.Tensor) -> torch.Tensor:
         return w.contiguous(memory_format=self.layout)
 
-    def _conv(self, conv: WanCausalConv3d, x: torch.Tensor, cache: list, i: int) -> torch.Tensor:
-        """Causal conv over [cached frames, x]; the slot keeps x's last two frames, as diffusers does."""
+    def _conv(
+        self, conv: WanCausalConv3d, x: torch.Tensor, cache: list, i: int, with_bias: bool = True
+    ) -> torch.Tensor:
+        """Causal conv over [cached frames, x]; the slot keeps x's last two frames, as diffusers does.
+        with_bias=False leaves the bias to the caller."""
         previous = cache[i]
         cache[i] = _next_cache(previous, x)
-        return self._causal(conv, x, previous if isinstance(previous, torch.Tensor) else None)
+        return self._causal(conv, x, previous if isinstance(previous, torch.Tensor) else None, with_bias)
 
-    def _causal(self, conv: WanCausalConv3d, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    def _causal(
+        self, conv: WanCausalConv3d, x: torch.Tensor, previous: torch.Tensor | None, with_bias: bool = True
+    ) -> torch.Tensor:
         pad_w, _, pad_h, _, pad_t, _ = conv._padding  # (w, w, h, h, 2 * kt_half, 0)
         front = [] if previous is None else [previous.to(x.dtype)]
         missing = pad_t - sum(f.shape[2] for f in front)
@@ -167,7 +220,8 @@ class FusedDecoder:
             front.insert(0, x.new_zeros(*x.shape[:2], missing, *x.shape[3:]))
         if front:
             x = torch.cat([*front, x], dim=2)
-        return F.conv3d(x, self._weight(conv.weight), conv.bias, padding=(0, pad_h, pad_w))
+        bias = conv.bias if with_bias else None
+        return F.conv3d(x, self._weight(conv.weight), bias, padding=(0, pad_h, pad_w))
 
     def _upsample(self, resample: WanResample, x: torch.Tensor, cache: list, slot) -> torch.Tensor:
         if resample.mode == "upsample3d":
@@ -217,6 +271,8 @@ def _next_cache(previous, x: torch.Tensor, zeros: bool = False) -> torch.Tensor:
 
 __all__ = [
     "FAST",
+    "add_bias_residual",
+    "compiled_add_bias_residual",
     "FAST_LEAN",
     "DIFFUSERS",
     "decode_options",
