@@ -11,10 +11,13 @@ Candidates (each skipped with its reason when it cannot run here):
 * `sdpa-cudnn`, `sdpa-flash`, `sdpa-efficient`: torch SDPA in bf16 with one backend forced;
 * `cudnn-fp8`: `nvidia-cudnn-frontend`'s fp8 SDPA graph (e4m3 q, k, v with per-tensor scales, softmax
   probabilities quantised to e4m3 inside, bf16 output); the quantisation of q, k, v is timed separately;
-* `cudnn-fp8-fp8out`: the same with an e4m3 output (where cuDNN has no bf16-output fp8 kernel).
+* `cudnn-fp8-fp8out`: the same with an e4m3 output (where cuDNN has no bf16-output fp8 kernel);
+* `triton-int8qk-fp8pv`: `triton_fp8_attention.py` (int8 q, k per token, e4m3 v per channel and
+  probabilities, bf16 output); its quantisation is timed separately.
 
 `--split` instead times the DiT's self-attention over its three key sets (ring window, block, sink):
-concatenated then attended, or attended part by part and merged by log-sum-exp (`attend_parts`).
+concatenated then attended, attended part by part and merged by log-sum-exp (`attend_parts`), or all
+three parts in one pass of the Triton candidate.
 
     PYTHONPATH=. python benchmarks/attention_bench.py OUT [--reps 30] [--split]
 """
@@ -211,6 +214,11 @@ def run_scale(input_scale: float, reps: int) -> list[dict]:
             add(name, None, None, f"skipped: {type(exc).__name__}: {exc}"[:300])
     ms_quant = median_ms(lambda: (quantise(q), quantise(k), quantise(v)), reps)
     add("fp8-quantise-qkv (per tensor)", ms_quant, None, "amax + scale + cast of q, k and v")
+    try:
+        add_triton_candidate(add, [q.transpose(1, 2)], [(k.transpose(1, 2), v.transpose(1, 2))], reps)
+    except Exception as exc:
+        traceback.print_exc()
+        add("triton-int8qk-fp8pv", None, None, f"skipped: {type(exc).__name__}: {exc}"[:300])
     for name, out_dtype in (("cudnn-fp8", torch.bfloat16), ("cudnn-fp8-fp8out", FP8)):
         try:
             kernel = CudnnFp8(q, k, v, out_dtype)
@@ -219,6 +227,19 @@ def run_scale(input_scale: float, reps: int) -> list[dict]:
             traceback.print_exc()
             add(name, None, None, f"skipped: {type(exc).__name__}: {exc}"[:300])
     return rows
+
+
+def add_triton_candidate(add: Callable, q: list[torch.Tensor], parts: list[tuple], reps: int) -> None:
+    """Time `triton_fp8_attention` (its quantisation apart) on q [B, Nq, H, D] and the parts, and
+    `add` its rows; its output goes back to SDPA's [B, H, Nq, D]."""
+    from benchmarks.triton_fp8_attention import attend_quantised, quantise
+
+    quantised = quantise(q[0], parts)
+    add(
+        "triton-int8qk-fp8pv: quantise q, k, v", median_ms(lambda: quantise(q[0], parts), reps), None, "torch"
+    )
+    out = attend_quantised(*quantised)
+    add("triton-int8qk-fp8pv", median_ms(lambda: attend_quantised(*quantised), reps), out.transpose(1, 2))
 
 
 def run_split(reps: int) -> list[dict]:
@@ -248,6 +269,12 @@ def run_split(reps: int) -> list[dict]:
             compiled_chains(),
         ),
     }
+    from benchmarks.triton_fp8_attention import attend_quantised, quantise
+
+    quantised = quantise(q, parts)
+    variants["3 parts in one pass, triton-int8qk-fp8pv (quantised beforehand)"] = lambda: attend_quantised(
+        *quantised
+    )
     before = variants["concat + SDPA (before)"]()
     rows = []
     for name, fn in variants.items():
