@@ -186,14 +186,11 @@ class FusedDecoder:
         h = x if isinstance(shortcut, torch.nn.Identity) else self._pointwise(shortcut, x)
         conv1, conv2 = block.conv1, block.conv2
         fold = x.is_cuda if self.fold_biases is None else self.fold_biases
-        if not fold or conv1.bias is None or conv2.bias is None:
-            x = self._conv(conv1, self._norm(block.norm1, x, silu=True), cache, next(slot))
-            x = self._conv(conv2, self._norm(block.norm2, x, silu=True), cache, next(slot))
-            return x.add_(h)
-        x = self._conv(conv1, self._norm(block.norm1, x, silu=True), cache, next(slot), with_bias=False)
-        x = self._norm(block.norm2, x, silu=True, bias=conv1.bias)
-        x = self._conv(conv2, x, cache, next(slot), with_bias=False)
-        return self.add_bias_residual(x, conv2.bias, h)
+        fold = fold and conv1.bias is not None and conv2.bias is not None
+        x = self._conv(conv1, self._norm(block.norm1, x, silu=True), cache, next(slot), with_bias=not fold)
+        x = self._norm(block.norm2, x, silu=True, bias=conv1.bias if fold else None)
+        x = self._conv(conv2, x, cache, next(slot), with_bias=not fold)
+        return self.add_bias_residual(x, conv2.bias, h) if fold else x.add_(h)
 
     def _pointwise(self, conv: WanCausalConv3d, x: torch.Tensor) -> torch.Tensor:
         return F.conv3d(x, self._weight(conv.weight), conv.bias)
