@@ -19,7 +19,8 @@ at a time: it reads the inputs once and writes the result (e4m3 values and the r
   attention as e4m3 rows of the output projection's input (`chains.merge_attention` with `dtype=FP8`).
 
 Each gives the eager chain's e4m3 rows within one step (a bf16 rounding that lands the other way), the
-stream exactly, the RoPE'd bf16 within a bf16 rounding. `KERNELS` says which calls each answers;
+add's stream exactly (the residual's within a rounding: a GPU contracts x + y·gate into one FMA), the
+RoPE'd bf16 within a bf16 rounding. `KERNELS` says which calls each answers;
 `chains.row_kernel_chains()` sends those calls here and every other call to the compiled chains.
 
 Under Triton's interpreter (TRITON_INTERPRET=1: tests on a CPU) the kernels write float32 and torch
