@@ -215,7 +215,7 @@ def run_scale(input_scale: float, reps: int) -> list[dict]:
     ms_quant = median_ms(lambda: (quantise(q), quantise(k), quantise(v)), reps)
     add("fp8-quantise-qkv (per tensor)", ms_quant, None, "amax + scale + cast of q, k and v")
     try:
-        add_triton_candidate(add, [q.transpose(1, 2)], [(k.transpose(1, 2), v.transpose(1, 2))], reps)
+        add_triton_candidate(add, q.transpose(1, 2), [(k.transpose(1, 2), v.transpose(1, 2))], reps)
     except Exception as exc:
         traceback.print_exc()
         add("triton-int8qk-fp8pv", None, None, f"skipped: {type(exc).__name__}: {exc}"[:300])
@@ -229,17 +229,20 @@ def run_scale(input_scale: float, reps: int) -> list[dict]:
     return rows
 
 
-def add_triton_candidate(add: Callable, q: list[torch.Tensor], parts: list[tuple], reps: int) -> None:
+def add_triton_candidate(add: Callable, q: torch.Tensor, parts: list[tuple], reps: int) -> None:
     """Time `triton_fp8_attention` (its quantisation apart) on q [B, Nq, H, D] and the parts, and
     `add` its rows; its output goes back to SDPA's [B, H, Nq, D]."""
-    from benchmarks.triton_fp8_attention import attend_quantised, quantise
+    from benchmarks import triton_fp8_attention as candidate
 
-    quantised = quantise(q[0], parts)
+    quantised = candidate.quantise(q, parts)
+    ms_quant = median_ms(lambda: candidate.quantise(q, parts), reps)
+    add("triton-int8qk-fp8pv: quantise q, k, v", ms_quant, None, "torch")
+    out = candidate.attend_quantised(*quantised)
     add(
-        "triton-int8qk-fp8pv: quantise q, k, v", median_ms(lambda: quantise(q[0], parts), reps), None, "torch"
+        "triton-int8qk-fp8pv",
+        median_ms(lambda: candidate.attend_quantised(*quantised), reps),
+        out.transpose(1, 2),
     )
-    out = attend_quantised(*quantised)
-    add("triton-int8qk-fp8pv", median_ms(lambda: attend_quantised(*quantised), reps), out.transpose(1, 2))
 
 
 def run_split(reps: int) -> list[dict]:
@@ -269,11 +272,11 @@ def run_split(reps: int) -> list[dict]:
             compiled_chains(),
         ),
     }
-    from benchmarks.triton_fp8_attention import attend_quantised, quantise
+    from benchmarks import triton_fp8_attention as candidate
 
-    quantised = quantise(q, parts)
-    variants["3 parts in one pass, triton-int8qk-fp8pv (quantised beforehand)"] = lambda: attend_quantised(
-        *quantised
+    quantised = candidate.quantise(q, parts)
+    variants["3 parts in one pass, triton-int8qk-fp8pv (quantised beforehand)"] = lambda: (
+        candidate.attend_quantised(*quantised)
     )
     before = variants["concat + SDPA (before)"]()
     rows = []

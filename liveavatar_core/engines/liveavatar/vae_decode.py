@@ -104,12 +104,18 @@ def add_bias_residual(x: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> t
     return (x.float() + h.float()).to(x.dtype)
 
 
+def _compile_rounding_as_eager(function: Callable) -> Callable:
+    """torch.compile for the decoder's chains: sizes dynamic (clip lengths, levels) but what the caller
+    marks static, rounding where eager rounds (`emulate_precision_casts`: inductor otherwise keeps
+    float32 between steps), one graph per channel count and clip length (hence the recompile limit)."""
+    allow_recompiles()
+    return torch.compile(function, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
+
+
 @functools.cache
 def compiled_add_bias_residual() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     """`add_bias_residual` through torch.compile: one pass, the channels static, as the norm's."""
-    allow_recompiles()
-    options = {"emulate_precision_casts": True}
-    compiled = torch.compile(add_bias_residual, fullgraph=True, dynamic=True, options=options)
+    compiled = _compile_rounding_as_eager(add_bias_residual)
 
     def add(x: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         torch._dynamo.mark_static(x, 1)
@@ -124,9 +130,7 @@ def compiled_rms_act() -> NormAct:
     """`rms_act` through torch.compile: one kernel per channel count (three in Wan2.1's decoder; the
     channels static, so the norm's reduction over them runs in one pass over memory), other sizes
     dynamic, so clip lengths and levels share it."""
-    allow_recompiles()  # one graph per channel count, and per clip length of one latent or more
-    # emulate_precision_casts: round where eager rounds (inductor otherwise keeps float32 between steps)
-    compiled = torch.compile(rms_act, fullgraph=True, dynamic=True, options={"emulate_precision_casts": True})
+    compiled = _compile_rounding_as_eager(rms_act)
 
     def norm_act(
         x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool, bias: torch.Tensor | None = None
