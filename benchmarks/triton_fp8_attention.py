@@ -32,8 +32,8 @@ import math
 import os
 import sys
 
-if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+if __name__ == "__main__":  # run as a script, it is the CPU check: the interpreter, before triton loads
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 import triton  # noqa: E402
